@@ -1,0 +1,55 @@
+# mlxtune — the two commands that matter: `make demo` and `make test`.
+# Both bootstrap .venv/ on a fresh machine by themselves.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto')
+GENERATED := mlxtune/.generated
+
+.PHONY: all install proto lint test test-fast demo bench clean system-deps
+
+all: install proto
+
+# The virtual environment with the project (editable), its tests' tools and
+# the reference implementations the tests compare against.
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,oracle]'
+	touch $@
+
+install: $(INSTALLED)
+
+# Python code generated from protos/ (the single source of truth; never edited by hand).
+$(GENERATED): $(PROTOS) $(INSTALLED)
+	rm -rf mlxtune/common mlxtune/peft mlxtune/trainer
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $@
+
+proto: $(GENERATED)
+
+lint: $(INSTALLED)
+	cd protos && ../$(VENV)/bin/buf lint
+
+# Debian packages the tests use as real peers (Prometheus, Go toolchain).
+system-deps:
+	@scripts/install-system-deps.sh
+
+test: install proto lint system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests without the real-model and minutes-long ones.
+test-fast: install proto
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: install proto
+	$(PY) -m mlxtune_client.demo
+
+bench: install proto
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) mlxtune/common mlxtune/peft mlxtune/trainer $(GENERATED) .state .demo .bench
