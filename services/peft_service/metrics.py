@@ -1,0 +1,29 @@
+"""PEFT service metrics (the gRPC metrics come from the shared interceptor)."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
+
+# Preparing a checkpoint takes milliseconds to seconds; loading a model's
+# structure is usually faster.
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class PeftMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else REGISTRY
+        self.prepare_seconds = Histogram(
+            "mlxtune_peft_prepare_duration_seconds",
+            "Time to prepare a checkpoint (resolve, open, adapt, count, write).",
+            ["method"], buckets=_BUCKETS, registry=registry)
+        self.model_load_seconds = Histogram(
+            "mlxtune_peft_model_load_duration_seconds",
+            "Time to open a model's structure from its headers.",
+            ["format"], buckets=_BUCKETS, registry=registry)
+        self.checkpoints = Gauge(
+            "mlxtune_store_checkpoints",
+            "Checkpoints in the shared store.", registry=registry)
+
+    def track_store(self, store) -> None:
+        """Count checkpoints at scrape time, so the gauge is never stale."""
+        self.checkpoints.set_function(lambda: sum(1 for _ in store.dir.iterdir()))
