@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 from pathlib import Path
@@ -11,12 +12,21 @@ import numpy as np
 import pytest
 
 from mlxtune.data.batching import BatchPlan, collate, split_validation
-from mlxtune.data.dataset_store import (DatasetStore, UploadAssembler, parse_dataset_name,
-                                        resolve_data_path)
-from mlxtune.data.formats import (MAX_REPORTED_PROBLEMS, DatasetFormat, detect_format,
-                                  iter_file_lines, validate_jsonl)
-from mlxtune.data.tokenize import (LossMaskMode, TokenizedExample, tokenize_record,
-                                   tokenize_records)
+from mlxtune.data.dataset_store import (
+    DatasetStore,
+    UploadAssembler,
+    parse_dataset_name,
+    resolve_data_path,
+)
+from mlxtune.data.formats import (
+    MAX_REPORTED_PROBLEMS,
+    UNKNOWN_FORMAT,
+    DatasetFormat,
+    detect_format,
+    iter_file_lines,
+    validate_jsonl,
+)
+from mlxtune.data.tokenize import LossMaskMode, TokenizedExample, tokenize_record, tokenize_records
 from mlxtune.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from mlxtune.testing.tokenizer import CHATML_TEMPLATE, write_tokenizer
 
@@ -134,8 +144,7 @@ def test_declared_format_is_enforced_and_limits_hold():
     with pytest.raises(InvalidArgument) as exc:
         validate_jsonl(b'{"id": 1}\n{"text": "a"}\n{"id": 2}')
     assert violations(exc) == [
-        ("records[line 1]", 'cannot tell the format: expected "text", "prompt" and "completion", '
-                            'or "messages"'),
+        ("records[line 1]", UNKNOWN_FORMAT),
         ("records[line 3]", 'missing key "text"')]
     with pytest.raises(InvalidArgument) as exc:
         validate_jsonl(b"\n \n")
@@ -151,9 +160,8 @@ def test_declared_format_is_enforced_and_limits_hold():
 def test_streamed_file_lines_bound_long_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'{"text": "ok"}\r\n' + b'{"text": "' + b"x" * 5000 + b'"}\n{"text": "ok"}')
-    with open(path, "rb") as f:
-        with pytest.raises(InvalidArgument) as exc:
-            validate_jsonl(iter_file_lines(f, max_line_bytes=100), max_line_bytes=100)
+    with open(path, "rb") as f, pytest.raises(InvalidArgument) as exc:
+        validate_jsonl(iter_file_lines(f, max_line_bytes=100), max_line_bytes=100)
     assert violations(exc) == [("records[line 2]", "line is 5012 bytes, more than the limit of 100")]
     with open(path, "rb") as f:
         assert validate_jsonl(iter_file_lines(f)).num_records == 3
@@ -180,11 +188,10 @@ def test_failed_validation_leaves_nothing_behind(tmp_path):
     store = DatasetStore(tmp_path / "store")
     with pytest.raises(InvalidArgument):
         store.put(b'{"text": "a"}\n{"text": 1}\n')
-    with pytest.raises(InvalidArgument):
-        with UploadAssembler(store) as upload:
-            upload.add(b'{"text": "a"}\n')
-            upload.add(b'{"messages": 1}\n')
-            upload.commit()
+    with pytest.raises(InvalidArgument), UploadAssembler(store) as upload:
+        upload.add(b'{"text": "a"}\n')
+        upload.add(b'{"messages": 1}\n')
+        upload.commit()
     assert list((tmp_path / "store/datasets").iterdir()) == []
     assert list((tmp_path / "store/tmp").iterdir()) == []
     assert store.list() == ([], "")
@@ -431,7 +438,7 @@ def test_batch_plan_is_deterministic_and_resumable():
     assert order != [BatchPlan(lengths, 4, seed=4).batch_indices(k) for k in range(30)]
     # Bucketed: a batch's lengths do not interleave with another batch's.
     spans = sorted((lengths[b].min(), lengths[b].max()) for b in order[:10])
-    assert all(hi <= next_lo for (_, hi), (next_lo, _) in zip(spans, spans[1:]))
+    assert all(hi <= next_lo for (_, hi), (next_lo, _) in itertools.pairwise(spans))
 
 
 def test_drop_last_and_small_datasets():

@@ -95,7 +95,9 @@ def select_modules(model: nn.Module, config: AdapterConfig) -> Selection:
     targets = list(config.target_modules)
     if targets == [ALL_LINEAR]:
         chosen = [m for m in in_range if m.is_linear and m.leaf not in OUTPUT_HEADS]
-        peft_targets = [ALL_LINEAR]
+        # PEFT refuses "all-linear" together with layers_to_transform, so the
+        # file names the selected layers explicitly.
+        peft_targets = available_names(chosen)
     else:
         chosen, peft_targets = [], targets
         for i, name in enumerate(targets):

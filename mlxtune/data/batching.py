@@ -76,6 +76,8 @@ class BatchPlan:
             # trained on across epochs.
             order = order[remainder:]
         # A stable sort of a shuffled order: equal lengths regroup each epoch.
+        # A short last batch (drop_last=False) holds the longest examples,
+        # which also keeps the largest batch shape in memory smaller.
         order = order[np.argsort(self.lengths[order], kind="stable")]
         batches = [order[i:i + self.batch_size].tolist()
                    for i in range(0, len(order), self.batch_size)]
@@ -111,7 +113,7 @@ def split_validation(n: int, fraction: float, seed: int = 0) -> tuple[list[int],
         raise InvalidArgument.field("config.validation_split", "must be in [0, 0.5]")
     if n < MIN_RECORDS_FOR_VALIDATION or fraction == 0.0:
         return list(range(n)), []
-    num_validation = max(1, int(round(n * fraction)))
+    num_validation = max(1, round(n * fraction))
     rng = np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, _SPLIT_STREAM])
     held_out = rng.permutation(n)[:num_validation]
     is_validation = np.zeros(n, dtype=bool)

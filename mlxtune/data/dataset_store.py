@@ -59,8 +59,10 @@ class DatasetRecord:
         return {**asdict(self), "format": self.format.value}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DatasetRecord":
-        return cls(**{**data, "format": DatasetFormat(data["format"])})
+    def from_json(cls, data: dict[str, Any]) -> DatasetRecord:
+        # Keys a later version may add are ignored, so old servers read new stores.
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**{**known, "format": DatasetFormat(data["format"])})
 
 
 def check_dataset_id(dataset_id: str, field: str = "dataset_id") -> str:
@@ -263,7 +265,7 @@ class UploadAssembler:
         self._file.close()
         self.path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "UploadAssembler":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -316,8 +318,11 @@ def _digest_hex(data: bytes) -> str:
 
 
 def _file_digest_hex(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

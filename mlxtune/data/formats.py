@@ -32,6 +32,7 @@ class DatasetFormat(str, enum.Enum):
 
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+UNKNOWN_FORMAT = 'cannot tell the format: expected "text", "prompt" and "completion", or "messages"'
 
 # Abuse limits. A line is one example; 8 MiB holds a very long conversation.
 DEFAULT_MAX_LINE_BYTES = 8 << 20
@@ -195,8 +196,7 @@ def validate_jsonl(data: bytes | Iterable[bytes | str | OversizedLine],
         if fmt is None:
             fmt = detect_format(record)
             if fmt is None:
-                problems.append((line_number, 'cannot tell the format: expected "text", '
-                                              '"prompt" and "completion", or "messages"'))
+                problems.append((line_number, UNKNOWN_FORMAT))
                 continue
         record_issues = record_problems(record, fmt)
         problems.extend((line_number, p) for p in record_issues)

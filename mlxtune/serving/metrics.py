@@ -48,6 +48,7 @@ DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                    30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
+_DEADLINE_SLACK_SECONDS = 0.1
 
 
 def grpc_type(request_streaming: bool, response_streaming: bool) -> str:
@@ -151,7 +152,9 @@ class _CallMonitor:
         return self.finish(code)
 
     def _gone_code(self) -> grpc.StatusCode:
-        if self._context.time_remaining() <= 0:
+        # The client's deadline timer may fire a moment before ours, and then
+        # arrives as a cancel; within that moment, call it what it is.
+        if self._context.time_remaining() < _DEADLINE_SLACK_SECONDS:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 

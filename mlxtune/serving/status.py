@@ -45,7 +45,16 @@ def to_rpc_status(error: MlxtuneError) -> status_pb2.Status:
     details.append(_pack(error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN,
         metadata={str(k): str(v) for k, v in error.metadata.items()})))
-    return status_pb2.Status(code=error.code.value[0], message=str(error), details=details)
+    return status_pb2.Status(code=error.code.value[0], message=status_message(error),
+                             details=details)
+
+
+def status_message(error: MlxtuneError) -> str:
+    """One line for people and for clients that ignore the details: the
+    message, then any violation it does not already spell out."""
+    missing = [f"{v.field}: {v.description}" for v in error.violations
+               if f"{v.field}: {v.description}" not in error.message]
+    return f"{error.message}: {'; '.join(missing)}" if missing else error.message
 
 
 def abort_with_error(context: grpc.ServicerContext, error: MlxtuneError) -> NoReturn:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 
 # Preparing a checkpoint takes milliseconds to seconds; loading a model's
 # structure is usually faster.
@@ -11,7 +11,8 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 class PeftMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = registry if registry is not None else REGISTRY
+        # Each core gets its own registry unless the server passes the one it exports.
+        registry = registry if registry is not None else CollectorRegistry()
         self.prepare_seconds = Histogram(
             "mlxtune_peft_prepare_duration_seconds",
             "Time to prepare a checkpoint (resolve, open, adapt, count, write).",
