@@ -57,12 +57,16 @@ class WorkerRunner:
         self.job_dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.job_dir / "spec.json"
         spec_path.write_text(json.dumps(self.spec, indent=2))
-        env = dict(os.environ, **self.env, PYTHONUNBUFFERED="1")
+        # The worker asks the kernel for SIGKILL when this process dies (it
+        # checks MLXTUNE_PARENT_PID to close the race); a preexec_fn would do
+        # it here, but is unsafe in a process with threads.
+        env = dict(os.environ, **self.env, PYTHONUNBUFFERED="1",
+                   MLXTUNE_PARENT_PID=str(os.getpid()))
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "mlxtune.jobs.worker", str(spec_path)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                env=env, start_new_session=True)
         self._thread = threading.Thread(target=self._follow, name=f"worker-{self.job.id}",
                                         daemon=True)
         self._thread.start()
@@ -142,7 +146,11 @@ class WorkerRunner:
                    checkpoints=job.checkpoints + [message["checkpoint"]],
                    resume_checkpoint=message["checkpoint"])
         elif kind == protocol.FINISHED:
+            # The final checkpoint is in the store: the job has succeeded, even
+            # if the process takes a moment longer to exit.
             self._finished = message
+            self.manager.set_state(self.job.id, SUCCEEDED, "training finished",
+                                   output_checkpoint=message["output_checkpoint"])
         elif kind == protocol.FAILED:
             self._failure = message
         else:
@@ -151,9 +159,8 @@ class WorkerRunner:
     def _finish(self, returncode: int) -> None:
         m, job_id = self.manager, self.job.id
         if self._finished is not None:
-            m.set_state(job_id, SUCCEEDED, "training finished",
-                        output_checkpoint=self._finished["output_checkpoint"])
-        elif self._cancel_requested:
+            return  # already SUCCEEDED
+        if self._cancel_requested:
             m.set_state(job_id, CANCELLED, "cancelled by request")
         elif self._stop_requested:
             m.set_state(job_id, INTERRUPTED, "the server is shutting down",
@@ -187,15 +194,3 @@ def _tail(path: Path, lines: int = 8, max_bytes: int = 4096) -> str:
     except OSError:
         return ""
     return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGKILL if the server dies, so no orphan trains on."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except OSError:
-            pass
