@@ -36,10 +36,7 @@ class MlxtuneError(Exception):
         super().__init__(self.message)
 
     def __str__(self) -> str:
-        if not self.violations:
-            return self.message
-        lines = [self.message] + [f"  {v.field}: {v.description}" for v in self.violations]
-        return "\n".join(lines)
+        return self.message
 
 
 class InvalidArgument(MlxtuneError):

@@ -46,9 +46,14 @@ class JobManager:
         self._changed = threading.Condition()
         self._runners: dict[str, WorkerRunner] = {}
         self._stopping = False
+        self._dispatching = True
         self._dispatcher: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def start(self) -> None:
         """Mark jobs a previous server left running as interrupted, then dispatch."""
@@ -63,7 +68,7 @@ class JobManager:
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Ask running workers to save and stop; jobs end INTERRUPTED, resumable."""
         with self._changed:
-            self._stopping = True
+            self._dispatching = False  # start no new workers
             self._changed.notify_all()
         runners = list(self._runners.values())
         for runner in runners:
@@ -73,6 +78,10 @@ class JobManager:
             runner.join(max(0.0, deadline - time.monotonic()))
             runner.kill()
             runner.join(2.0)
+        # Only now end the event streams: they have seen every job's last state.
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
 
     # -- jobs ---------------------------------------------------------------
 
@@ -169,7 +178,7 @@ class JobManager:
     def _dispatch_loop(self) -> None:
         while True:
             with self._changed:
-                if self._stopping:
+                if not self._dispatching:
                     return
                 self._runners = {k: r for k, r in self._runners.items() if r.alive}
                 free = self.max_concurrent - len(self._runners)

@@ -78,7 +78,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             "application-level handled by the server.",
             _LABELS, buckets=buckets, registry=registry)
         self.msg_received = Counter(
-            "grpc_server_msg_received", "Total number of RPC stream messages received on the server.",
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server.",
             _LABELS, registry=registry)
         self.msg_sent = Counter(
             "grpc_server_msg_sent", "Total number of gRPC stream messages sent by the server.",
@@ -125,6 +126,9 @@ class _CallMonitor:
         # noticing: grpc drops a response generator when the client cancels.
         context.add_callback(self._on_terminated)
 
+    def is_active(self) -> bool:
+        return self._context.is_active()
+
     def received(self) -> None:
         self._metrics.msg_received.labels(*self._labels).inc()
 
@@ -170,7 +174,7 @@ class _CountedRequests:
         self._requests = requests
         self._monitor = monitor
 
-    def __iter__(self) -> "_CountedRequests":
+    def __iter__(self) -> _CountedRequests:
         return self
 
     def __next__(self) -> Any:
@@ -190,10 +194,12 @@ def _counted_responses(responses: Iterator, monitor: _CallMonitor) -> Iterator:
             except StopIteration:
                 monitor.finish_from_context(raised=False)
                 return
+            # Counted as it is handed to grpc, which then writes it unless the
+            # RPC already ended. (Counting when grpc asks for the next one
+            # would miss the last message before a client's cancel.)
+            if monitor.is_active():
+                monitor.sent()
             yield response
-            # grpc asks for the next response only after this one was
-            # written, so being resumed means it was sent.
-            monitor.sent()
     except GeneratorExit:
         monitor.finish(grpc.StatusCode.CANCELLED)
         raise
@@ -207,7 +213,8 @@ def _counted_responses(responses: Iterator, monitor: _CallMonitor) -> Iterator:
 
 
 def _wrap_handler(handler: grpc.RpcMethodHandler,
-                  new_monitor: Callable[[grpc.ServicerContext], _CallMonitor]) -> grpc.RpcMethodHandler:
+                  new_monitor: Callable[[grpc.ServicerContext], _CallMonitor],
+                  ) -> grpc.RpcMethodHandler:
     serializers = dict(request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)
     if handler.response_streaming:

@@ -72,9 +72,10 @@ def common_arg_parser(prog: str, description: str, default_port: int,
                         help="address to listen on (gRPC and metrics) [MLXTUNE_HOST]")
     parser.add_argument("--port", type=_port, default=env("MLXTUNE_PORT", str(default_port)),
                         help="gRPC port; 0 picks a free one [MLXTUNE_PORT]")
-    parser.add_argument("--metrics-port", type=_port,
+    parser.add_argument("--metrics-port", type=_metrics_port,
                         default=env("MLXTUNE_METRICS_PORT", str(default_metrics_port)),
-                        help="Prometheus /metrics port; 0 turns metrics off [MLXTUNE_METRICS_PORT]")
+                        help="Prometheus /metrics port; 0 picks a free one, 'off' turns metrics "
+                             "off [MLXTUNE_METRICS_PORT]")
     parser.add_argument("--store", metavar="DIR", type=Path,
                         default=env("MLXTUNE_STORE", ".state/store"),
                         help="checkpoint store directory, shared by both services [MLXTUNE_STORE]")
@@ -82,9 +83,10 @@ def common_arg_parser(prog: str, description: str, default_port: int,
                         default=_env_flag("MLXTUNE_NO_REFLECTION"),
                         help="turn off gRPC server reflection [MLXTUNE_NO_REFLECTION=1]")
     parser.add_argument("--grace-seconds", type=float,
-                        default=env("MLXTUNE_GRACE_SECONDS", "30"),
+                        default=env("MLXTUNE_GRACE_SECONDS", "20"),
                         help="on shutdown, how long in-flight RPCs may finish before they are "
-                             "cancelled [MLXTUNE_GRACE_SECONDS]")
+                             "cancelled; keep delay + grace under the orchestrator's kill "
+                             "timeout (Kubernetes: 30 s) [MLXTUNE_GRACE_SECONDS]")
     parser.add_argument("--shutdown-delay-seconds", type=float,
                         default=env("MLXTUNE_SHUTDOWN_DELAY_SECONDS", "5"),
                         help="on shutdown, how long to keep serving while health says "
@@ -108,7 +110,9 @@ class RunningServer:
     def __init__(self, name: str, args: argparse.Namespace, server: grpc.Server,
                  health_servicer: health.HealthServicer, port: int,
                  metrics_http: MetricsHTTPServer | None, metrics: MetricsInterceptor,
-                 on_shutdown: Callable[[], None] | None) -> None:
+                 on_shutdown: Callable[[], None] | None,
+                 on_drain: Callable[[], None] | None = None,
+                 thread_pools: Sequence[futures.ThreadPoolExecutor] = ()) -> None:
         self.name = name
         self.server = server
         self.health = health_servicer
@@ -120,6 +124,8 @@ class RunningServer:
         self._grace_seconds: float = args.grace_seconds
         self._shutdown_delay: float = args.shutdown_delay_seconds
         self._on_shutdown = on_shutdown
+        self._on_drain = on_drain
+        self._thread_pools = thread_pools
         self._stop_requested = threading.Event()
         self._shutdown_lock = threading.Lock()
         self._exit_code: int | None = None
@@ -142,6 +148,14 @@ class RunningServer:
             logger.info("%s: NOT_SERVING; draining in %.1f s", self.name, self._shutdown_delay)
             self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and stays so
             time.sleep(self._shutdown_delay)  # still serving while load balancers notice
+            if self._on_drain is not None:
+                # Ends what would otherwise hold streams open past the grace
+                # period (e.g. running training jobs, whose streams end once
+                # their workers have saved and stopped).
+                try:
+                    self._on_drain()
+                except Exception:  # noqa: BLE001 - draining must go on
+                    logger.exception("%s: on_drain failed", self.name)
             self.server.stop(self._grace_seconds).wait()
             self._exit_code = 0
             if self._on_shutdown is not None:
@@ -152,6 +166,8 @@ class RunningServer:
                     self._exit_code = 1
             if self._metrics_http is not None:
                 self._metrics_http.stop()
+            for pool in self._thread_pools:
+                pool.shutdown(wait=False)
             logger.info("%s: stopped", self.name)
             return self._exit_code
 
@@ -179,6 +195,7 @@ class RunningServer:
 def serve(servicers: Sequence[ServicerSpec], args: argparse.Namespace,
           registry: CollectorRegistry | None = None,
           on_shutdown: Callable[[], None] | None = None, *,
+          on_drain: Callable[[], None] | None = None,
           name: str | None = None) -> RunningServer:
     """Starts a gRPC server for ``servicers`` configured by ``args``; prints the startup line.
 
@@ -187,21 +204,20 @@ def serve(servicers: Sequence[ServicerSpec], args: argparse.Namespace,
     """
     name = name or getattr(args, "service_name", None) or "service"
     metrics = MetricsInterceptor(REGISTRY if registry is None else registry)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=args.max_workers, thread_name_prefix="grpc"),
-        interceptors=[metrics], options=SERVER_OPTIONS)
+    rpc_threads = futures.ThreadPoolExecutor(max_workers=args.max_workers,
+                                             thread_name_prefix="grpc")
+    # Health answers from its own threads: a pool full of long streams must
+    # not make the service look dead to its load balancer.
+    health_threads = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+    server = grpc.server(rpc_threads, interceptors=[metrics], options=SERVER_OPTIONS)
 
     service_names = []
     for add_to_server, servicer, service_name in servicers:
         add_to_server(servicer, server)
         service_names.append(service_name)
 
-    # Health answers from its own threads: a pool full of long streams must
-    # not make the service look dead to its load balancer.
-    health_servicer = health.HealthServicer(
-        experimental_non_blocking=True,
-        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2,
-                                                            thread_name_prefix="health"))
+    health_servicer = health.HealthServicer(experimental_non_blocking=True,
+                                            experimental_thread_pool=health_threads)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names.append(health.SERVICE_NAME)
     if not args.no_reflection:
@@ -211,14 +227,19 @@ def serve(servicers: Sequence[ServicerSpec], args: argparse.Namespace,
         _initialize_metrics(metrics, service_name)
 
     port = server.add_insecure_port(_join_host_port(args.host, args.port))
-    metrics_http = (start_metrics_server(args.host, args.metrics_port, metrics.registry)
-                    if args.metrics_port else None)
+    try:
+        metrics_http = (start_metrics_server(args.host, args.metrics_port, metrics.registry)
+                        if args.metrics_port is not None else None)
+    except OSError:
+        server.stop(None)  # release the gRPC port we already hold
+        raise
     server.start()
     for service_name in ["", *service_names]:
         health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
 
     running = RunningServer(name, args, server, health_servicer, port, metrics_http, metrics,
-                            on_shutdown)
+                            on_shutdown, on_drain=on_drain,
+                            thread_pools=(rpc_threads, health_threads))
     logger.info("%s: serving %s", name, ", ".join(service_names))
     print(running.startup_line(), flush=True)
     return running
@@ -249,6 +270,10 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
     return port
+
+
+def _metrics_port(text: str) -> int | None:
+    return None if text.strip().lower() == "off" else _port(text)
 
 
 def _log_level(text: str) -> str:

@@ -74,6 +74,8 @@ def map_errors(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         context = _find_context(args, kwargs)
+        if context is None:  # a helper on the servicer, not an RPC: leave it alone
+            return method(*args, **kwargs)
         try:
             result = method(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - mapping every error is the point
@@ -87,7 +89,10 @@ def map_errors(method: Callable) -> Callable:
 
 
 def map_errors_in(cls: type) -> type:
-    """Class decorator: :func:`map_errors` on every public method ``cls`` defines."""
+    """Class decorator: :func:`map_errors` on every public method ``cls`` defines.
+
+    Public helpers that take no ``ServicerContext`` are called through unchanged.
+    """
     for name, attribute in list(vars(cls).items()):
         if name.startswith("_") or not inspect.isfunction(attribute):
             continue
@@ -147,13 +152,13 @@ def _abort_for(error: Exception, context: grpc.ServicerContext, name: str) -> No
     raise AssertionError("abort_with_status returned")
 
 
-def _find_context(args: tuple, kwargs: dict) -> grpc.ServicerContext:
+def _find_context(args: tuple, kwargs: dict) -> grpc.ServicerContext | None:
     # Servicer methods take (self, request_or_iterator, context); callback-style
     # streams add a trailing callback, so look for the context by what it can do.
     for candidate in (kwargs.get("context"), *reversed(args)):
-        if hasattr(candidate, "abort_with_status"):
+        if hasattr(candidate, "abort_with_status") and hasattr(candidate, "is_active"):
             return candidate
-    raise TypeError("map_errors: no grpc.ServicerContext among the arguments")
+    return None
 
 
 def _pack(message: Any) -> any_pb2.Any:

@@ -17,7 +17,12 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from mlxtune.adapters.apply import ParameterReport, adapter_weights, count_parameters, get_peft_model
+from mlxtune.adapters.apply import (
+    ParameterReport,
+    adapter_weights,
+    count_parameters,
+    get_peft_model,
+)
 from mlxtune.adapters.config import AdapterConfig, AdapterFileConfig
 from mlxtune.adapters.targets import adaptable_modules
 from mlxtune.errors import InvalidArgument

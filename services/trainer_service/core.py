@@ -158,7 +158,7 @@ class TrainerCore:
         after = after_sequence
         if job.state in STREAM_END_STATES and after >= job.last_sequence:
             return
-        while is_active():
+        while is_active() and not self.jobs.stopping:
             events = self.jobs.wait_for_events(job_id, after, heartbeat_seconds)
             if not events:
                 job = self.jobs.get(job_id)

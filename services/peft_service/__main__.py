@@ -1,0 +1,46 @@
+"""python -m services.peft_service — the PEFT service."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from prometheus_client import REGISTRY
+
+from mlxtune.peft.v1 import peft_service_pb2_grpc
+from mlxtune.serving import common_arg_parser, configure_logging, serve
+from services.peft_service.core import PeftCore
+from services.peft_service.metrics import PeftMetrics
+from services.peft_service.servicer import SERVICE_NAME, PeftServicer
+
+
+def build_parser():
+    parser = common_arg_parser(
+        "python -m services.peft_service",
+        "Applies LoRA / DoRA / full fine-tuning configs to named models and keeps "
+        "prepared checkpoints in the shared store.",
+        default_port=50051, default_metrics_port=9464)
+    parser.add_argument(
+        "--models-dir", default=os.environ.get("MLXTUNE_MODELS_DIR", ".state/models"),
+        help="folder of models (HF folders, MLX-quantized folders, .gguf files) that model "
+             "names resolve to [MLXTUNE_MODELS_DIR] (default: %(default)s)")
+    parser.add_argument(
+        "--no-hub", action="store_true",
+        default=os.environ.get("MLXTUNE_NO_HUB", "") not in ("", "0"),
+        help="never download hub ids; only the models dir and the local Hugging Face "
+             "cache are searched [MLXTUNE_NO_HUB=1]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    core = PeftCore(args.store, args.models_dir, allow_hub=not args.no_hub,
+                    metrics=PeftMetrics(REGISTRY))
+    running = serve([(peft_service_pb2_grpc.add_PeftServiceServicer_to_server,
+                      PeftServicer(core), SERVICE_NAME)], args, name="peft")
+    return running.run_until_signal()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

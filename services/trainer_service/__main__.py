@@ -1,0 +1,53 @@
+"""python -m services.trainer_service — the trainer service."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from prometheus_client import REGISTRY
+
+from mlxtune.serving import common_arg_parser, configure_logging, serve
+from mlxtune.trainer.v1 import trainer_service_pb2_grpc
+from services.trainer_service.core import TrainerCore
+from services.trainer_service.metrics import TrainerMetrics
+from services.trainer_service.servicer import SERVICE_NAME, TrainerServicer
+
+
+def build_parser():
+    parser = common_arg_parser(
+        "python -m services.trainer_service",
+        "Trains adapters with MLX: datasets, training jobs (one worker process each) and "
+        "their event streams.", default_port=50052, default_metrics_port=9465)
+    parser.add_argument(
+        "--state-dir", default=os.environ.get("MLXTUNE_STATE_DIR"),
+        help="where jobs and their events persist (SQLite) and workers log "
+             "[MLXTUNE_STATE_DIR] (default: <store>/trainer)")
+    parser.add_argument(
+        "--data-root", default=os.environ.get("MLXTUNE_DATA_ROOT"),
+        help="folder whose JSONL files CreateDataset may register [MLXTUNE_DATA_ROOT] "
+             "(default: none; uploads only)")
+    parser.add_argument(
+        "--max-concurrent-jobs", type=int,
+        default=int(os.environ.get("MLXTUNE_MAX_CONCURRENT_JOBS", "1")),
+        help="training jobs that run at once; the rest queue [MLXTUNE_MAX_CONCURRENT_JOBS] "
+             "(default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    metrics = TrainerMetrics(REGISTRY)
+    core = TrainerCore(args.store, args.state_dir, data_root=args.data_root,
+                       max_concurrent_jobs=args.max_concurrent_jobs, on_event=metrics.on_event)
+    metrics.track_jobs(core.db)
+    core.start()
+    running = serve([(trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
+                      TrainerServicer(core), SERVICE_NAME)], args, name="trainer",
+                    on_drain=lambda: core.stop(args.grace_seconds))
+    return running.run_until_signal()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
