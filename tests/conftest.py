@@ -47,3 +47,51 @@ def pytest_configure(config):
     # Tests never reach a model hub: resolution falls through to NOT_FOUND fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Services:
+    """Both real services on loopback, with stubs."""
+
+    def __init__(self, store: Path, models_dir: Path, logs: Path, trainer_args=()) -> None:
+        import grpc
+
+        from mlxtune.peft.v1 import peft_service_pb2_grpc
+        from mlxtune.testing.services import start_peft, start_trainer
+        from mlxtune.trainer.v1 import trainer_service_pb2_grpc
+
+        self.store, self.models_dir, self.logs = store, models_dir, logs
+        self.trainer_args = list(trainer_args)
+        self.peft = start_peft(store, models_dir, logs)
+        self.trainer = start_trainer(store, logs, self.trainer_args)
+        self.peft_channel = grpc.insecure_channel(self.peft.address)
+        self.peft_stub = peft_service_pb2_grpc.PeftServiceStub(self.peft_channel)
+        self._trainer_stub_class = trainer_service_pb2_grpc.TrainerServiceStub
+        self._connect_trainer()
+
+    def _connect_trainer(self) -> None:
+        import grpc
+
+        self.trainer_channel = grpc.insecure_channel(self.trainer.address)
+        self.trainer_stub = self._trainer_stub_class(self.trainer_channel)
+
+    def restart_trainer(self, *, kill: bool = False, extra=()) -> None:
+        from mlxtune.testing.services import start_trainer
+
+        self.trainer.kill() if kill else self.trainer.stop()
+        self.trainer_channel.close()
+        self.trainer = start_trainer(self.store, self.logs, self.trainer_args + list(extra))
+        self._connect_trainer()
+
+    def close(self) -> None:
+        self.peft_channel.close()
+        self.trainer_channel.close()
+        self.peft.stop()
+        self.trainer.stop()
+
+
+@pytest.fixture(scope="module")
+def services(models_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("services")
+    running = Services(root / "store", models_dir, root / "logs")
+    yield running
+    running.close()

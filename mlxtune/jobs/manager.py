@@ -178,11 +178,14 @@ class JobManager:
     def _dispatch_loop(self) -> None:
         while True:
             with self._changed:
-                if not self._dispatching:
+                # Workers ask the kernel to kill them when the thread that
+                # started them ends (PR_SET_PDEATHSIG is per thread), so this
+                # thread lives until every worker has stopped.
+                if self._stopping:
                     return
                 self._runners = {k: r for k, r in self._runners.items() if r.alive}
                 free = self.max_concurrent - len(self._runners)
-                queued = self.db.queued_in_order()[:max(0, free)]
+                queued = self.db.queued_in_order()[:max(0, free)] if self._dispatching else []
                 if not queued:
                     self._changed.wait(1.0)
                     continue
