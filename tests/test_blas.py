@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -103,8 +105,9 @@ def test_openblas_is_much_faster_than_bundled(runs):
 
 
 @pytest.mark.parametrize("mode", ["openblas", "bundled"])
-@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float64", 1e-12),
-                                              ("complex64", 1e-5)])
+@pytest.mark.parametrize(
+    "dtype, tolerance", [("float32", 1e-5), ("float64", 1e-12), ("complex64", 1e-5)]
+)
 def test_matmul_matches_numpy(runs, mode, dtype, tolerance):
     assert runs[mode]["relative_errors"][dtype] < tolerance
 
@@ -123,6 +126,44 @@ def test_activating_after_mlx_import_reports_inactive():
     assert not result["active"]
     assert result["name"] == "mlx bundled reference BLAS"
     assert "imported before" in result["reason"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+def test_falls_back_to_compiling_the_shim(tmp_path, runs):
+    # A source checkout that was never built has no installed shim: activate()
+    # compiles one into the user's cache and still switches MLX to OpenBLAS.
+    code = textwrap.dedent(
+        """
+        import json
+        from mlxtune import blas
+        from mlxtune.blas import _shim
+
+        _shim.installed_shim = lambda: None
+        info = blas.activate()
+        print(json.dumps(dict(vars(info), gflops=blas.measure_gflops(256, repeats=20))))
+        """
+    )
+    result = _run_child(code, XDG_CACHE_HOME=str(tmp_path), OPENBLAS_NUM_THREADS="1")
+    assert result["active"], result["reason"]
+    assert "(compiled)" in result["reason"]
+    assert len(list((tmp_path / "mlxtune").glob("cblas_shim-*.so"))) == 1
+    assert result["gflops"] > 5 * runs["bundled"]["gflops"]
+
+
+def test_a_blas_preloaded_by_someone_else_is_reported():
+    # With another library's cblas_sgemm first in the global scope, MLX binds to
+    # that one; activate() must say so rather than claim OpenBLAS. MLX's own
+    # reference BLAS stands in for "another library".
+    import importlib.util
+
+    libs = Path(importlib.util.find_spec("mlx").submodule_search_locations[0]).parent
+    bundled = next((libs / "mlx_cpu.libs").glob("libblas-*.so*"), None)
+    if bundled is None:
+        pytest.skip("this mlx wheel does not bundle a reference BLAS")
+    code = "import json; from mlxtune import blas; print(json.dumps(vars(blas.activate())))"
+    result = _run_child(code, LD_PRELOAD=str(bundled))
+    assert not result["active"]
+    assert "already comes from" in result["reason"] and bundled.name in result["reason"]
 
 
 def test_macos_is_a_no_op(monkeypatch):

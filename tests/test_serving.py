@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -162,6 +163,35 @@ def test_client_cancels_server_stream_midway(server):
                        received=1, sent=2)
 
 
+def test_deadline_ends_server_stream(server):
+    with pytest.raises(grpc.RpcError) as failure:
+        list(server.server_stream("WaitForCancel", timeout=0.5))
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until(lambda: server.value("grpc_server_handled_total", "WaitForCancel",
+                                    "server_stream", grpc_code="DeadlineExceeded") == 1)
+    server.assert_rpcs("WaitForCancel", "server_stream", handled={"DeadlineExceeded": 1},
+                       received=1, sent=2)
+
+
+def test_client_cancels_bidi_stream_midway(server):
+    release = threading.Event()
+
+    def requests():
+        yield b"a"
+        yield b"b"
+        release.wait(10)  # the server now waits for a third message that never comes
+
+    call = server.channel.stream_stream(f"/{SERVICE}/Chat")(requests(), timeout=10)
+    try:
+        assert [next(call), next(call)] == [b"A", b"B"]
+        call.cancel()
+        wait_until(lambda: server.value("grpc_server_handled_total", "Chat", "bidi_stream",
+                                        grpc_code="Canceled") == 1)
+    finally:
+        release.set()
+    server.assert_rpcs("Chat", "bidi_stream", handled={"Canceled": 1}, received=2, sent=2)
+
+
 # --- errors -------------------------------------------------------------------
 
 def test_core_error_becomes_status_with_details(server):
@@ -208,6 +238,15 @@ def test_unexpected_exception_becomes_internal_not_unknown(server, caplog):
     assert info.metadata["incident"] in error.details()
     assert "secret internal state" in caplog.text and "Traceback" in caplog.text
     server.assert_rpcs("Crash", "unary", handled={"Internal": 1}, received=1, sent=0)
+
+
+def test_handler_abort_keeps_its_code(server):
+    with pytest.raises(grpc.RpcError) as failure:
+        server.unary("Abort")
+    assert (failure.value.code(), failure.value.details()) == (
+        grpc.StatusCode.NOT_FOUND, "no such thing")
+    assert error_details(failure.value) == (None, None)
+    server.assert_rpcs("Abort", "unary", handled={"NotFound": 1}, received=1, sent=0)
 
 
 def test_error_details_of_a_plain_status(server):

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 
 from mlxtune.adapters.config import AdapterConfig
 from mlxtune.adapters.targets import Selection, select_modules
-from mlxtune.errors import FailedPrecondition
+from mlxtune.errors import FailedPrecondition, Violations
 
 
 @dataclass
@@ -48,7 +48,8 @@ class ParameterReport:
                 f"|| trainable%: {self.percent:.4f}")
 
 
-def get_peft_model(model: nn.Module, config: AdapterConfig) -> Selection:
+def get_peft_model(model: nn.Module, config: AdapterConfig,
+                   violations: Violations | None = None) -> Selection:
     """Adapt `model` in place per `config` (effective); returns what was selected.
 
     Afterwards only the adapter parameters (or, for full fine-tuning, the
@@ -56,7 +57,7 @@ def get_peft_model(model: nn.Module, config: AdapterConfig) -> Selection:
     """
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    selection = select_modules(model, config)
+    selection = select_modules(model, config, violations)
     model.freeze()
     if config.method == "full":
         unfreeze_for_full(model, config)

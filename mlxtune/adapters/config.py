@@ -61,6 +61,10 @@ class AdapterConfig:
 
     def validate(self, total_layers: int | None = None) -> None:
         """Raise InvalidArgument listing every problem that needs no model to see."""
+        self.violations(total_layers).raise_if_any(reason="INVALID_ADAPTER_CONFIG")
+
+    def violations(self, total_layers: int | None = None) -> Violations:
+        """Every problem of the config that needs no model to see."""
         v = Violations()
         v.check(self.method in METHODS, "adapter_config.method",
                 f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
@@ -85,7 +89,7 @@ class AdapterConfig:
             elif total_layers is not None and self.num_layers > total_layers:
                 v.add("adapter_config.num_layers",
                       f"the model has {total_layers} layers, num_layers is {self.num_layers}")
-        v.raise_if_any(reason="INVALID_ADAPTER_CONFIG")
+        return v
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -72,7 +72,7 @@ def adaptable_modules(model: nn.Module) -> list[ModuleInfo]:
     for path, module in model.named_modules():
         if id(module) in block_of:
             block_paths[path] = block_of[id(module)]
-    for path, module in sorted(model.named_modules()):
+    for path, module in sorted(model.named_modules(), key=lambda item: _natural(item[0])):
         if not isinstance(module, LINEAR_TYPES + EMBEDDING_TYPES):
             continue
         block, relative = None, path
@@ -85,14 +85,20 @@ def adaptable_modules(model: nn.Module) -> list[ModuleInfo]:
     return out
 
 
-def select_modules(model: nn.Module, config: AdapterConfig) -> Selection:
-    """The modules `config` (effective, defaults filled) adapts; InvalidArgument if none."""
+def select_modules(model: nn.Module, config: AdapterConfig,
+                   v: Violations | None = None) -> Selection:
+    """The modules `config` (effective, defaults filled) adapts.
+
+    Raises InvalidArgument with every problem found here and in `v` (problems
+    the caller found already, so one error lists them all).
+    """
     modules = adaptable_modules(model)
     total = len(model.layers)
-    first_block = total - (config.num_layers or total)
+    first_block = max(0, total - (config.num_layers or total))
     in_range = [m for m in modules if m.block is None or m.block >= first_block]
-    v = Violations()
+    v = v if v is not None else Violations()
     targets = list(config.target_modules)
+    order = {m.path: i for i, m in enumerate(modules)}
     if targets == [ALL_LINEAR]:
         chosen = [m for m in in_range if m.is_linear and m.leaf not in OUTPUT_HEADS]
         # PEFT refuses "all-linear" together with layers_to_transform, so the
@@ -116,6 +122,7 @@ def select_modules(model: nn.Module, config: AdapterConfig) -> Selection:
                       f"rank {config.rank} exceeds {m.path} ({m.in_features}x{m.out_features}); "
                       f"at most {limit}")
                 break
+    chosen.sort(key=lambda m: order[m.path])
     _check_uniform_blocks(chosen, first_block, total, v)
     v.raise_if_any(reason="INVALID_ADAPTER_CONFIG")
     keys = sorted({m.relative for m in chosen})
@@ -129,6 +136,11 @@ def available_names(modules: list[ModuleInfo]) -> list[str]:
         if m.leaf not in names:
             names.append(m.leaf)
     return names
+
+
+def _natural(path: str) -> list:
+    """Sort key: "layers.2" before "layers.10"."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in path.split(".")]
 
 
 def _check_uniform_blocks(chosen: list[ModuleInfo], first: int, total: int, v: Violations) -> None:

@@ -122,7 +122,7 @@ def _decide() -> BlasInfo:
     if info.active:
         log.info("MLX CPU BLAS: %s", info)
     else:
-        log.warning("MLX CPU BLAS stays slow: %s", info.reason)
+        log.warning("OpenBLAS not activated for MLX: %s", info.reason)
     return info
 
 

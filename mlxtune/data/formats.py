@@ -160,7 +160,7 @@ def validate_jsonl(data: bytes | Iterable[bytes | str | OversizedLine],
     decide it and every later record must match. With `keep_records=False`
     only the count is returned (for storing a large file without holding it).
     """
-    problems: list[tuple[int, str]] = []
+    problems = _Problems()
     records: list[dict[str, Any]] = []
     fmt = declared_format
     num_records = 0
@@ -199,27 +199,42 @@ def validate_jsonl(data: bytes | Iterable[bytes | str | OversizedLine],
                 problems.append((line_number, UNKNOWN_FORMAT))
                 continue
         record_issues = record_problems(record, fmt)
-        problems.extend((line_number, p) for p in record_issues)
+        for issue in record_issues:
+            problems.append((line_number, issue))
         if keep_records and not record_issues:
             records.append(record)
     if not problems and num_records == 0:
         raise InvalidArgument.field("records", "the dataset has no records", reason="EMPTY_DATASET")
     if problems:
-        raise _problems_error(problems)
+        raise problems.error()
     return ValidationReport(format=fmt, num_records=num_records, records=records)
 
 
-def _problems_error(problems: list[tuple[int, str]]) -> InvalidArgument:
-    violations = Violations()
-    for line_number, reason in problems[:MAX_REPORTED_PROBLEMS]:
-        violations.add(f"records[line {line_number}]", reason)
-    rest = len(problems) - MAX_REPORTED_PROBLEMS
-    if rest > 0:
-        violations.add("records", f"{rest} more problems not listed")
-    lines = sorted({n for n, _ in problems})
-    message = (f"the dataset has {len(problems)} problem(s) on {len(lines)} line(s), "
-               f"first on line {lines[0]}")
-    return InvalidArgument.of(violations.items, reason="INVALID_DATASET", message=message)
+class _Problems:
+    """Keeps the first MAX_REPORTED_PROBLEMS problems and counts the rest, so
+    a wholly wrong 1 GiB file costs no more memory than a slightly wrong one."""
+
+    def __init__(self) -> None:
+        self.listed: list[tuple[int, str]] = []
+        self.total = 0
+
+    def append(self, problem: tuple[int, str]) -> None:
+        self.total += 1
+        if len(self.listed) < MAX_REPORTED_PROBLEMS:
+            self.listed.append(problem)
+
+    def __bool__(self) -> bool:
+        return self.total > 0
+
+    def error(self) -> InvalidArgument:
+        violations = Violations()
+        for line_number, reason in self.listed:
+            violations.add(f"records[line {line_number}]", reason)
+        if self.total > len(self.listed):
+            violations.add("records", f"{self.total - len(self.listed)} more problems not listed")
+        message = (f"the dataset has {self.total} problem(s), the first on line "
+                   f"{self.listed[0][0]}")
+        return InvalidArgument.of(violations.items, reason="INVALID_DATASET", message=message)
 
 
 def iter_file_lines(fileobj, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):

@@ -45,6 +45,9 @@ _SCALAR_FORMATS = {
 }
 
 
+_LENGTH = struct.Struct("<Q")
+
+
 class GgufFormatError(ValueError):
     """The file is not a GGUF this reader understands."""
 
@@ -68,6 +71,7 @@ class TensorEntry:
 class GgufFile:
     metadata: dict
     tensors: list[TensorEntry]
+    data_offset: int  # where the tensor data starts: everything before it is the header
 
 
 class _Cursor:
@@ -87,6 +91,18 @@ class _Cursor:
         start, self.pos = self.pos, self.pos + length
         # Some vocabularies hold byte tokens that are not valid UTF-8 on their own.
         return bytes(self.buffer[start : self.pos]).decode("utf-8", errors="replace")
+
+    def strings(self, count: int, keep: bool) -> list[str] | None:
+        # Vocabularies hold ~100k strings: a tight loop, without per-item method calls.
+        length_at, buffer, pos = _LENGTH.unpack_from, self.buffer, self.pos
+        values = [] if keep else None
+        for _ in range(count):
+            (length,) = length_at(buffer, pos)
+            pos += 8 + length
+            if keep:
+                values.append(bytes(buffer[pos - length : pos]).decode("utf-8", errors="replace"))
+        self.pos = pos
+        return values
 
     def value(self, value_type: int, keep_long_arrays: bool):
         if value_type == GGUFValueType.STRING:
@@ -111,12 +127,7 @@ class _Cursor:
             self.pos += dtype.itemsize * count
             return values
         if item_type == GGUFValueType.STRING:
-            if keep:
-                return [self.string() for _ in range(count)]
-            for _ in range(count):
-                length = self.unpack("<Q")  # moves past the length prefix
-                self.pos += length
-            return None
+            return self.strings(count, keep)
         return [self.value(item_type, keep_long_arrays) for _ in range(count)]
 
 
@@ -135,7 +146,7 @@ def read_gguf_file(path: str | Path, keep_long_arrays: bool = False) -> GgufFile
             for name, shape, ggml_type, offset in table
         ]
         _check_size(tensors, len(buf), path)
-    return GgufFile(metadata, tensors)
+    return GgufFile(metadata, tensors, data_start)
 
 
 def _read_metadata(cursor: _Cursor, keep_long_arrays: bool) -> dict:
@@ -174,4 +185,4 @@ def _check_size(tensors: list[TensorEntry], file_size: int, path) -> None:
     # A truncated download otherwise surfaces later as an opaque read error.
     end = max((t.offset + t.nbytes for t in tensors), default=0)
     if end > file_size:
-        raise GgufFormatError(f"{path} is truncated: tensor data ends at {end}, file has {file_size}")
+        raise GgufFormatError(f"{path} is truncated: its tensors end at byte {end} of {file_size}")

@@ -18,10 +18,14 @@ def default_compute_dtype() -> str:
     return "bfloat16" if mx.default_device() == mx.gpu else "float32"
 
 
-def load_base_model(path: str | Path, fmt: str, compute_dtype: str | None = None):
+def load_base_model(path: str | Path, fmt: str, compute_dtype: str | None = None,
+                    dequantize: bool | None = None):
     """(model, tokenizer, config) with weights in memory, floats cast to compute_dtype.
 
-    Quantized weights stay quantized (their scales follow the compute dtype).
+    Quantized weights are dequantized when `dequantize` is true; by default
+    on a CPU, where MLX's quantized matmuls run at a few GFLOP/s against
+    ~100+ for float32 through BLAS (measured: 1.9 vs 110 GFLOP/s). On a GPU
+    they stay quantized (their scales follow the compute dtype), as QLoRA.
     """
     path = Path(path)
     if not path.exists():
@@ -37,6 +41,12 @@ def load_base_model(path: str | Path, fmt: str, compute_dtype: str | None = None
 
         model, config = load_model(path, lazy=True)
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    if dequantize is None:
+        dequantize = mx.default_device() != mx.gpu
+    if dequantize and any(hasattr(m, "bits") for _, m in model.named_modules()):
+        from mlx_lm.utils import dequantize_model
+
+        model = dequantize_model(model)
     cast_floats(model, compute_dtype or default_compute_dtype())
     mx.eval(model.parameters())
     return model, tokenizer, config

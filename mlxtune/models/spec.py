@@ -199,9 +199,9 @@ def folder_digest(path: Path) -> str:
 
 def gguf_digest(path: Path) -> str:
     """sha256 over a GGUF file's size and everything before its tensor data."""
-    from gguf import GGUFReader
+    from mlxtune.models.gguf_file import read_gguf_file
 
-    offset = GGUFReader(str(path)).data_offset
+    offset = read_gguf_file(path).data_offset
     h = hashlib.sha256(f"{path.stat().st_size}\0".encode())
     with open(path, "rb") as f:
         h.update(f.read(offset))

@@ -54,14 +54,20 @@ class ServiceProcess:
 
 
 def start_service(module: str, args: list[str], log_path: Path, *, env: dict | None = None,
-                  timeout: float = 120.0) -> ServiceProcess:
-    """Run ``python -m <module> <args> --port 0 --metrics-port 0`` until it is listening."""
+                  timeout: float = 120.0, port: int = 0,
+                  new_session: bool = False) -> ServiceProcess:
+    """Run ``python -m <module> <args> --port <port> --metrics-port 0`` until it is listening.
+
+    ``port`` 0 picks a free port; a fixed one lets a test restart a server
+    where its clients already point. ``new_session`` keeps a terminal's Ctrl-C
+    from reaching the server (and its workers), so the caller stops it in order.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
          "--metrics-port", "0", "--shutdown-delay-seconds", "0", *args],
-        stdout=subprocess.PIPE, stderr=log,
+        stdout=subprocess.PIPE, stderr=log, start_new_session=new_session,
         env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     found: dict = {}
     lines: list[str] = []
@@ -89,12 +95,16 @@ def start_service(module: str, args: list[str], log_path: Path, *, env: dict | N
                           log_path, lines)
 
 
-def start_peft(store: Path, models_dir: Path, log_dir: Path, extra: list[str] = ()) -> ServiceProcess:
+def start_peft(store: Path, models_dir: Path, log_dir: Path, extra: list[str] = (), *,
+               port: int = 0, env: dict | None = None,
+               new_session: bool = False) -> ServiceProcess:
     return start_service("services.peft_service",
                          ["--store", str(store), "--models-dir", str(models_dir), "--no-hub",
-                          *extra], log_dir / "peft.log")
+                          *extra], log_dir / "peft.log", port=port, env=env,
+                         new_session=new_session)
 
 
-def start_trainer(store: Path, log_dir: Path, extra: list[str] = ()) -> ServiceProcess:
+def start_trainer(store: Path, log_dir: Path, extra: list[str] = (), *, port: int = 0,
+                  env: dict | None = None, new_session: bool = False) -> ServiceProcess:
     return start_service("services.trainer_service", ["--store", str(store), *extra],
-                         log_dir / "trainer.log")
+                         log_dir / "trainer.log", port=port, env=env, new_session=new_session)

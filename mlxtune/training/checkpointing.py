@@ -6,6 +6,14 @@ methods up on the type, so instead each block of *this* model gets a
 one-off subclass whose ``__call__`` recomputes the block in the backward pass
 (``mx.checkpoint``). Parameter names and ``isinstance`` checks are unchanged,
 and ``disable`` puts the original class back.
+
+Dropout needs care: the backward pass runs the block again, and dropout that
+draws from the global random state would draw *new* masks there, so the
+gradients would belong to a different network than the forward pass (mlx-lm's
+version has this problem with LoRA dropout). Here each checkpointed call takes
+one key from the global state and passes it into the checkpointed function;
+inside, the block's dropout modules are swapped for ones that draw from keys
+split off it, so the recomputation draws exactly the forward pass's masks.
 """
 
 from __future__ import annotations
@@ -16,17 +24,76 @@ import mlx.nn as nn
 _SUBCLASSES: dict[type, type] = {}
 
 
+class _KeyedDropout(nn.Module):
+    """nn.Dropout with an explicit random key."""
+
+    def __init__(self, keep: float, key: mx.array):
+        super().__init__()
+        self._keep = keep
+        self._key = key
+
+    def __call__(self, x: mx.array) -> mx.array:
+        mask = mx.random.bernoulli(self._keep, x.shape, key=self._key)
+        return (mask * x) * (1 / self._keep)
+
+
+def _active_dropouts(block: nn.Module) -> list[tuple[object, str, nn.Dropout]]:
+    """(parent, attribute or index, module) of every dropout that drops something."""
+    found = []
+
+    def visit(module):
+        for name, child in list(module.items()):
+            children = child if isinstance(child, (list, tuple)) else [child]
+            for index, item in enumerate(children):
+                if not isinstance(item, nn.Module):
+                    continue
+                slot = (child, index) if isinstance(child, list) else (module, name)
+                if isinstance(item, nn.Dropout) and item.training and item._p_1 < 1:
+                    found.append((*slot, item))
+                else:
+                    visit(item)
+
+    visit(block)
+    return found
+
+
+def _put(parent, slot, module) -> None:
+    if isinstance(parent, list):
+        parent[slot] = module
+    else:
+        setattr(parent, slot, module)
+
+
 def _checkpointed_subclass(cls: type) -> type:
     if cls in _SUBCLASSES:
         return _SUBCLASSES[cls]
     base_call = cls.__call__
 
     def __call__(self, *args, **kwargs):
-        def block(params, *args, **kwargs):
-            self.update(params)
-            return base_call(self, *args, **kwargs)
+        dropouts = _active_dropouts(self)
+        if not dropouts:
+            def plain_block(params, *args, **kwargs):
+                self.update(params)
+                return base_call(self, *args, **kwargs)
 
-        return mx.checkpoint(block)(self.trainable_parameters(), *args, **kwargs)
+            return mx.checkpoint(plain_block)(self.trainable_parameters(), *args, **kwargs)
+
+        # One draw from the global state per call: a key for this block's masks.
+        key = mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+
+        def block(params, key, *args, **kwargs):
+            self.update(params)
+            # Random bits have no gradient; cut the key off the backward graph.
+            keys = mx.random.split(mx.stop_gradient(key), max(len(dropouts), 2))
+            for (parent, slot, dropout), k in zip(dropouts, keys, strict=False):
+                _put(parent, slot, _KeyedDropout(dropout._p_1, k))
+            try:
+                return base_call(self, *args, **kwargs)
+            finally:
+                for parent, slot, dropout in dropouts:
+                    _put(parent, slot, dropout)
+
+        return mx.checkpoint(block)(self.trainable_parameters(), key, *args, **kwargs)
 
     sub = type(f"Checkpointed{cls.__name__}", (cls,), {
         "__call__": __call__,

@@ -82,7 +82,7 @@ class TrainingConfig:
     non_finite_policy: NonFinitePolicy | None = None  # default FAIL
     max_skipped_steps: int | None = None  # SKIP_STEP tolerates this many skips; default 10
     gradient_checkpointing: bool = False  # recompute activations in the backward pass
-    eval_every_steps: int | None = None  # validate every N steps and at the end, 0 = off; default 50
+    eval_every_steps: int | None = None  # validate every N steps + at the end, 0 = off; default 50
     eval_batches: int | None = None  # validation batches per pass; default 8
     save_every_steps: int | None = None  # checkpoint every N steps, 0 = only the final; default 100
     loss_mask: LossMask | None = None  # default COMPLETION

@@ -32,11 +32,18 @@ from mlxtune.training.checkpointing import enable_gradient_checkpointing
 from mlxtune.training.config import NonFinitePolicy, TrainingConfig
 from mlxtune.training.loss import MaskedLoss
 from mlxtune.training.metrics import (
-    EvalMetrics, NonFiniteLoss, StepMetrics, TrainingCallbacks, TrainResult,
+    EvalMetrics,
+    NonFiniteLoss,
+    StepMetrics,
+    TrainingCallbacks,
+    TrainResult,
 )
 from mlxtune.training.optim import build_optimizer, learning_rate_at
 from mlxtune.training.state import (
-    TrainingState, capture_rng, restore_optimizer_state, restore_rng,
+    TrainingState,
+    capture_rng,
+    restore_optimizer_state,
+    restore_rng,
 )
 from mlxtune.training.step import add_grads, build_step_functions
 

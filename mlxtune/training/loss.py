@@ -17,6 +17,16 @@ Two ways to the same value:
 ``prepare`` turns a ``Batch`` into arrays outside any compiled function; the
 number of gathered rows is rounded up to a bucket so ``mx.compile`` sees few
 distinct shapes.
+
+Chunking bounds the softmax temporaries, not the saved activations: the
+backward pass still holds every chunk's logits (rows x vocab floats).
+
+Measured with ``python -m mlxtune.training.benchmark`` (SmolLM2-shaped llama,
+vocab 49152, batch 4 x <=128 tokens, half of each example supervised, LoRA r8,
+float32 + OpenBLAS on 2 pinned cores of a quiet x86 host), median step:
+4 layers: full 1621 ms eager / 1600 compiled, selective 949 / 935;
+30 layers: full 4127 / 3644, selective 2942 / 2931. With every real token
+supervised (plain text) selective still wins by skipping padding (1489 vs 1602).
 """
 
 from __future__ import annotations
@@ -110,10 +120,11 @@ def selective_logits_loss(model, kind, inputs, positions, targets, weights,
 
 
 def bucket_size(count: int, minimum: int = 64) -> int:
-    """``count`` rounded up to a multiple of an eighth of its power of two:
-    at most 12.5% padding rows and a handful of shapes per octave."""
-    count = max(count, 1)
-    step = max(minimum, (1 << (count - 1).bit_length()) // 8)
+    """``count`` rounded up to a multiple of an eighth of the power of two
+    below it: under 12.5% padding rows and eight shapes per octave."""
+    if count <= minimum:
+        return minimum
+    step = max(minimum, (1 << ((count - 1).bit_length() - 1)) // 8)
     return -(-count // step) * step
 
 

@@ -145,9 +145,10 @@ class PeftCore:
         started = time.perf_counter()
         with self._mlx_lock:
             spec = self.open_model(name)
-            config.validate(total_layers=spec.num_layers)
+            # Problems of the config and of its fit to this model come back together.
+            problems = config.violations(total_layers=spec.num_layers)
             effective = config.with_defaults(spec.num_layers)
-            selection = get_peft_model(spec.model, effective)
+            selection = get_peft_model(spec.model, effective, problems)
             report = count_parameters(spec.model, selection)
             weights = _initial_adapter_weights(spec, effective)
         manifest = CheckpointManifest(

@@ -28,6 +28,7 @@ METHODS = {
     "Echo": (False, False),
     "Fail": (False, False),
     "Crash": (False, False),
+    "Abort": (False, False),
     "Count": (False, True),
     "FailMidStream": (False, True),
     "WaitForCancel": (False, True),
@@ -53,6 +54,9 @@ class EchoService:
 
     def Crash(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         raise RuntimeError("secret internal state")
+
+    def Abort(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
 
     def Count(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         """Request ``b"N"`` or ``b"N:SECONDS"``: N messages, SECONDS apart."""
