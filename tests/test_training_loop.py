@@ -106,7 +106,9 @@ def test_loss_falls_on_a_learnable_task():
     before = trainer.evaluate().eval_loss
     result = trainer.run()
     assert before > 6.0  # about ln(512): nothing learned yet
-    assert [e.step for e in evals] == [15, 30]
+    # A baseline at step 0, then every 15 steps.
+    assert [e.step for e in evals] == [0, 15, 30]
+    assert evals[0].eval_loss == pytest.approx(before, rel=1e-6)
     assert evals[-1].eval_loss < before - 0.8
     assert result.step == 30 and not result.stopped and result.skipped_steps == 0
     assert [s.step for s in steps] == list(range(1, 31))

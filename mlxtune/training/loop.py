@@ -121,6 +121,10 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, cb = self.config, self.callbacks
+        if self.step == 0 and self.validation_batches and cfg.eval_every_steps > 0:
+            # A baseline before any update, so "validation loss fell" can be read
+            # off the events (evaluation draws no random numbers: resume stays exact).
+            cb.on_eval(self.evaluate())
         self.model.train()
         stopped = False
         while self.step < self.total_steps:
