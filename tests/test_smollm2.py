@@ -64,6 +64,7 @@ def test_counts_equal_real_peft_on_the_same_file(smollm2, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # minutes on a quiet 2-core box; far longer when it is shared
 def test_fine_tune_through_both_services_lowers_validation_loss(smol_services):
     s = smol_services
     checkpoint = s.peft_stub.PrepareCheckpoint(ppb.PrepareCheckpointRequest(

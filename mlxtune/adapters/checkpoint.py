@@ -51,6 +51,10 @@ def load_checkpoint_model(record: CheckpointRecord, compute_dtype: str | None = 
 
     verify_base_unchanged(record)
     base = record.manifest.base_model
+    from mlxtune.vlm.checkpoint import base_family, load_vlm_checkpoint
+
+    if base_family(base) is not None:  # vision-language: mlx-vlm's loader and processor
+        return load_vlm_checkpoint(record, compute_dtype, for_training=for_training)
     model, tokenizer, config = load_base_model(base["resolved_path"], base["format"],
                                                compute_dtype)
     adapter_config = AdapterConfig.from_dict(record.manifest.adapter_config)

@@ -16,6 +16,7 @@ from mlxtune.errors import Violations
 
 ALL_LINEAR = "all-linear"
 METHODS = ("lora", "dora", "full")
+TOWERS = ("language", "vision", "projector")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class AdapterConfig:
     """Adapt only the last num_layers transformer blocks; None = all."""
     seed: int = 0
     """Seed of the initial adapter weights."""
+    towers: tuple[str, ...] = ("language",)
+    """Vision-language models: the towers that get adapters ("language",
+    "vision", "projector"); text models have only "language"."""
 
     @property
     def effective_alpha(self) -> float:
@@ -57,6 +61,8 @@ class AdapterConfig:
             alpha=self.effective_alpha,
             num_layers=self.num_layers if self.num_layers is not None else total_layers,
             target_modules=tuple(self.target_modules) or (ALL_LINEAR,),
+            # One order whatever the request's, so the same towers give the same id.
+            towers=tuple(sorted(set(self.towers), key=_tower_order)) or ("language",),
         )
 
     def validate(self, total_layers: int | None = None) -> None:
@@ -82,6 +88,13 @@ class AdapterConfig:
             if not name or not all(c.isalnum() or c in "._-" for c in name):
                 v.add(f"adapter_config.target_modules[{i}]",
                       f"{name!r} is not a module name (letters, digits, '.', '_', '-')")
+        towers = list(self.towers)
+        for i, tower in enumerate(towers):
+            if tower not in TOWERS:
+                v.add(f"adapter_config.towers[{i}]",
+                      f"unknown tower {tower!r}; use {', '.join(TOWERS)}")
+        if len(set(towers)) != len(towers):
+            v.add("adapter_config.towers", "a tower is named more than once")
         if self.num_layers is not None:
             if self.num_layers < 1:
                 v.add("adapter_config.num_layers",
@@ -94,13 +107,25 @@ class AdapterConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        # Recorded only when not the default, so text models' checkpoint ids
+        # (a hash of this dict) stay what they were before towers existed.
+        towers = list(self.towers)
+        if towers == ["language"] or not towers:
+            del d["towers"]
+        else:
+            d["towers"] = towers
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AdapterConfig":
         d = dict(d)
         d["target_modules"] = tuple(d.get("target_modules") or (ALL_LINEAR,))
+        d["towers"] = tuple(d.get("towers") or ("language",))
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def _tower_order(tower: str) -> tuple[int, str]:
+    return (TOWERS.index(tower) if tower in TOWERS else len(TOWERS), tower)
 
 
 @dataclass

@@ -50,6 +50,7 @@ class DatasetRecord:
     create_time: float  # seconds since the epoch
     display_name: str
     source: str  # "upload" or the path under the data root
+    num_images: int = 0  # images stored with the dataset (vision-language chats)
 
     @property
     def name(self) -> str:
@@ -107,12 +108,15 @@ class DatasetStore:
             shutil.rmtree(staging, ignore_errors=True)
 
     def put_file(self, path: str | Path, fmt: DatasetFormat | None = None,
-                 display_name: str = "", source: str = "", move: bool = False) -> DatasetRecord:
+                 display_name: str = "", source: str = "", move: bool = False,
+                 images=None) -> DatasetRecord:
         """Validate and store the file at `path`, streaming (any size fits).
 
         The file is first copied (or moved) into staging and checked there,
         so what is stored is exactly what was validated even if the original
-        changes meanwhile."""
+        changes meanwhile. `images` (an ``mlxtune.vlm.upload.ImageReceiver``)
+        holds the images that came with an upload; records that reference
+        images are checked against it, and without it such records fail."""
         staging = Path(tempfile.mkdtemp(prefix="stage-", dir=self.tmp_dir))
         try:
             target = staging / "data.jsonl"
@@ -120,27 +124,38 @@ class DatasetStore:
                 os.replace(path, target)
             else:
                 shutil.copyfile(path, target)
-            return self._commit_staged(staging, fmt, display_name, source or str(path))
+            return self._commit_staged(staging, fmt, display_name, source or str(path), images)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _commit_staged(self, staging: Path, fmt: DatasetFormat | None,
-                       display_name: str, source: str) -> DatasetRecord:
+                       display_name: str, source: str, images=None) -> DatasetRecord:
+        from mlxtune.vlm.upload import ImageReceiver
+
         data_path = staging / "data.jsonl"
         digest = _file_digest_hex(data_path)
+        images = images if images is not None else ImageReceiver(self.tmp_dir)
+        # The id covers the images too: same JSONL, other images, other dataset.
+        dataset_digest = digest if not images else hashlib.sha256(
+            f"{digest}\0{images.digest_extra()}".encode()).hexdigest()
 
         def validate():
             with open(data_path, "rb") as f:
                 return validate_jsonl(iter_file_lines(f), fmt, keep_records=False)
 
-        existing = self._existing(digest, fmt, validate)
+        existing = self._existing(dataset_digest, fmt, validate)
         if existing is not None:
             return existing
         report = validate()
+        num_images = 0
+        if report.format == DatasetFormat.CHAT:
+            num_images = images.check_records(data_path)  # every image reference, by line
+            images.move_into(staging)
         record = DatasetRecord(
-            id=digest[:16], format=report.format, num_records=report.num_records,
+            id=dataset_digest[:16], format=report.format, num_records=report.num_records,
             size_bytes=data_path.stat().st_size, digest=f"sha256:{digest}",
-            create_time=time.time(), display_name=display_name, source=source)
+            create_time=time.time(), display_name=display_name, source=source,
+            num_images=num_images)
         with open(staging / "meta.json", "w") as f:
             json.dump(record.to_json(), f, indent=2)
             f.flush()
@@ -236,14 +251,21 @@ class UploadAssembler:
     """
 
     def __init__(self, store: DatasetStore, max_bytes: int = DEFAULT_MAX_UPLOAD_BYTES) -> None:
+        from mlxtune.vlm.upload import ImageReceiver
+
         self.store = store
         self.max_bytes = max_bytes
         self.size = 0
         fd, name = tempfile.mkstemp(prefix="upload-", suffix=".jsonl", dir=store.tmp_dir)
         self.path = Path(name)
         self._file = os.fdopen(fd, "wb")
+        self.images = ImageReceiver(store.tmp_dir)
 
-    def add(self, chunk: bytes) -> None:
+    def add(self, chunk) -> None:
+        """The next JSONL bytes, or a FileChunk of an image the records reference."""
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            self.images.add(chunk)
+            return
         if self.size + len(chunk) > self.max_bytes:
             self.abort()
             raise ResourceExhausted(
@@ -256,7 +278,8 @@ class UploadAssembler:
                source: str = "upload") -> DatasetRecord:
         try:
             self._file.close()
-            return self.store.put_file(self.path, fmt, display_name, source, move=True)
+            return self.store.put_file(self.path, fmt, display_name, source, move=True,
+                                       images=self.images)
         finally:
             self.abort()
 
@@ -264,6 +287,7 @@ class UploadAssembler:
         """Drop the upload; safe to call more than once."""
         self._file.close()
         self.path.unlink(missing_ok=True)
+        self.images.abort()
 
     def __enter__(self):
         return self

@@ -104,8 +104,17 @@ def _chat_problems(record: dict) -> list[str]:
         if role not in CHAT_ROLES:
             problems.append(f'{where}.role must be one of {", ".join(CHAT_ROLES)}, got {json.dumps(role)}')
         content = message.get("content")
-        if not isinstance(content, str):
-            problems.append(f"{where}.content must be a string, got {_json_type(content)}")
+        if isinstance(content, list):
+            # Vision-language chats: a list of text and image parts.
+            from mlxtune.vlm.images import content_problems
+
+            problems.extend(f"{where}.{p}" for p in content_problems(content))
+            if role == "assistant" and any(isinstance(p, dict) and str(p.get("text", "")).strip()
+                                           for p in content):
+                has_assistant_content = True
+        elif not isinstance(content, str):
+            problems.append(f"{where}.content must be a string or a list of parts, "
+                            f"got {_json_type(content)}")
         elif role == "assistant" and content.strip():
             has_assistant_content = True
     if not problems and not has_assistant_content:

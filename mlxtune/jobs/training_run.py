@@ -88,14 +88,23 @@ class TrainingRun:
         cfg = self.config
         loaded = load_checkpoint_model(self.source, compute_dtype=cfg.compute_dtype.value)
         model = loaded.model
-        train, train_examples, val_examples = self._data(loaded.tokenizer)
+        from mlxtune.vlm.training import vision_language_data
+
+        vlm = vision_language_data(self.datasets, self.spec, cfg, loaded,
+                                   self.source.manifest.base_model.get("digest", ""))
+        if vlm is not None:  # a vision-language model: examples with images, its own loss
+            train, train_examples, val_examples = vlm.train, vlm.train_examples, vlm.val_examples
+        else:
+            train, train_examples, val_examples = self._data(loaded.tokenizer)
         plan = BatchPlan([len(e.tokens) for e in train_examples], cfg.batch_size, seed=cfg.seed)
         pad_id = _pad_id(loaded.tokenizer)
+        collate_examples = vlm.collate if vlm is not None else collate
 
         def batch_at(index: int):
-            return collate([train_examples[i] for i in plan.batch_indices(index)], pad_id=pad_id)
+            return collate_examples([train_examples[i] for i in plan.batch_indices(index)],
+                                    pad_id=pad_id)
 
-        val_batches = [collate(val_examples[i:i + cfg.batch_size], pad_id=pad_id)
+        val_batches = [collate_examples(val_examples[i:i + cfg.batch_size], pad_id=pad_id)
                        for i in range(0, min(len(val_examples), cfg.batch_size * cfg.eval_batches),
                                       cfg.batch_size)]
         resume_state = None
@@ -108,7 +117,8 @@ class TrainingRun:
                                       on_checkpoint=self._on_checkpoint,
                                       should_stop=lambda: self.commands.should_stop)
         trainer = Trainer(model, cfg, batch_at, batches_per_epoch=plan.batches_per_epoch,
-                          validation_batches=val_batches, callbacks=callbacks, resume=resume_state)
+                          validation_batches=val_batches, callbacks=callbacks, resume=resume_state,
+                          loss=vlm.loss if vlm is not None else None)
         from mlx.utils import tree_flatten
 
         self.reporter.report(

@@ -70,6 +70,12 @@ def _open_folder_spec(source: ModelSource) -> ModelSpec:
 
     path = source.path
     config = _read_config(path)
+    from mlxtune.vlm.families import vlm_family
+
+    if vlm_family(config) is not None:  # vision-language: mlx-vlm's loader
+        from mlxtune.vlm.models import open_vlm_spec
+
+        return open_vlm_spec(source, config)
     _check_supported(config)
     try:
         model, config = load_model(path, lazy=True, strict=True)

@@ -148,6 +148,7 @@ class RunningServer:
             logger.info("%s: NOT_SERVING; draining in %.1f s", self.name, self._shutdown_delay)
             self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and stays so
             time.sleep(self._shutdown_delay)  # still serving while load balancers notice
+            drain_started = time.monotonic()
             if self._on_drain is not None:
                 # Ends what would otherwise hold streams open past the grace
                 # period (e.g. running training jobs, whose streams end once
@@ -156,7 +157,9 @@ class RunningServer:
                     self._on_drain()
                 except Exception:  # noqa: BLE001 - draining must go on
                     logger.exception("%s: on_drain failed", self.name)
-            self.server.stop(self._grace_seconds).wait()
+            # One grace period in all: what on_drain used is not given twice.
+            remaining = max(0.0, self._grace_seconds - (time.monotonic() - drain_started))
+            self.server.stop(remaining).wait()
             self._exit_code = 0
             if self._on_shutdown is not None:
                 try:

@@ -63,7 +63,8 @@ class Trainer:
                  batch_at: Callable[[int], Batch], *, batches_per_epoch: int,
                  validation_batches: Sequence[Batch] = (),
                  callbacks: TrainingCallbacks | None = None,
-                 resume: TrainingState | None = None, selective_logits: bool = True):
+                 resume: TrainingState | None = None, selective_logits: bool = True,
+                 loss=None):
         self.config = config.with_defaults()
         self.config.validate()
         if batches_per_epoch < 1:
@@ -79,7 +80,8 @@ class Trainer:
         self.total_steps = self.config.total_steps(batches_per_epoch)
 
         # Set-up that draws no random numbers comes before seeding.
-        self.loss = MaskedLoss.for_model(model, selective=selective_logits)
+        # `loss`: another loss with MaskedLoss's prepare/__call__ (VLMs bring theirs).
+        self.loss = loss or MaskedLoss.for_model(model, selective=selective_logits)
         if self.config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.optimizer = build_optimizer(self.config, self.total_steps)
@@ -98,7 +100,8 @@ class Trainer:
             self._resume(resume)
         self.fns = build_step_functions(model, self.optimizer, self.loss,
                                         float(self.config.max_grad_norm),
-                                        compile=bool(self.config.compile))
+                                        compile=bool(self.config.compile)
+                                        and getattr(self.loss, "compilable", True))
 
     def _resume(self, state: TrainingState) -> None:
         ours = self.config.to_dict()

@@ -10,6 +10,7 @@ from mlxtune.common.v1 import checkpoint_pb2 as common
 from mlxtune.peft.v1 import peft_service_pb2 as pb
 from mlxtune.store.checkpoints import CheckpointRecord
 from services.peft_service.core import ModelReport
+from services.peft_service.generate import GenerationPiece, GenerationRequest
 
 _METHOD_TO_PB = {
     "lora": common.ADAPTER_METHOD_LORA,
@@ -17,6 +18,12 @@ _METHOD_TO_PB = {
     "full": common.ADAPTER_METHOD_FULL,
 }
 _METHOD_FROM_PB = {v: k for k, v in _METHOD_TO_PB.items()}
+_TOWER_TO_PB = {
+    "language": common.MODEL_TOWER_LANGUAGE,
+    "vision": common.MODEL_TOWER_VISION,
+    "projector": common.MODEL_TOWER_PROJECTOR,
+}
+_TOWER_FROM_PB = {v: k for k, v in _TOWER_TO_PB.items()}
 _FORMAT_TO_PB = {
     "hf": common.MODEL_FORMAT_HF,
     "mlx_quantized": common.MODEL_FORMAT_MLX_QUANTIZED,
@@ -40,6 +47,8 @@ def adapter_config_from_pb(msg: common.AdapterConfig) -> AdapterConfig:
     kwargs["use_rslora"] = msg.use_rslora
     if msg.target_modules:
         kwargs["target_modules"] = tuple(msg.target_modules)
+    if msg.towers:
+        kwargs["towers"] = tuple(_TOWER_FROM_PB.get(t, f"unknown({t})") for t in msg.towers)
     return AdapterConfig(**kwargs)
 
 
@@ -48,7 +57,8 @@ def adapter_config_to_pb(config: dict | AdapterConfig) -> common.AdapterConfig:
     msg = common.AdapterConfig(
         method=_METHOD_TO_PB.get(c.method, common.ADAPTER_METHOD_UNSPECIFIED),
         rank=c.rank, alpha=c.effective_alpha, use_rslora=c.use_rslora, dropout=c.dropout,
-        target_modules=list(c.target_modules), seed=c.seed)
+        target_modules=list(c.target_modules), seed=c.seed,
+        towers=[_TOWER_TO_PB[t] for t in c.towers if t in _TOWER_TO_PB])
     if c.num_layers is not None:
         msg.num_layers = c.num_layers
     return msg
@@ -62,6 +72,13 @@ def parameters_to_pb(parameters: dict) -> common.ParameterReport:
         trainable_percent=report.percent,
         summary=report.summary,
         modules=[common.ModuleParameters(**m) for m in parameters.get("modules", [])],
+        # Manifests from before towers: the whole model is the language tower.
+        towers=[common.TowerParameters(tower=_TOWER_TO_PB.get(t["tower"], 0),
+                                       trainable_parameters=t["trainable"],
+                                       total_parameters=t["total"])
+                for t in parameters.get("towers") or [
+                    {"tower": "language", "trainable": report.trainable,
+                     "total": report.total}]],
     )
 
 
@@ -118,4 +135,47 @@ def model_report_to_pb(report: ModelReport) -> pb.InspectModelResponse:
         ],
         has_chat_template=report.has_chat_template,
         weight_bytes=report.weight_bytes,
+        towers=[pb.TowerInfo(
+            tower=_TOWER_TO_PB.get(t.tower.value, 0), module=t.module, num_layers=t.num_layers,
+            parameters=t.parameters,
+            targetable_modules=[
+                pb.TargetableModule(name=g.name, layer_type=g.layer_type, count=g.count,
+                                    in_features=g.in_features, out_features=g.out_features)
+                for g in t.targetable])
+            for t in report.towers],
     )
+
+
+_EXPORT_FORMAT_FROM_PB = {
+    pb.EXPORT_FORMAT_UNSPECIFIED: "mlx",
+    pb.EXPORT_FORMAT_MLX: "mlx",
+    pb.EXPORT_FORMAT_PEFT: "peft",
+    pb.EXPORT_FORMAT_FUSED: "fused",
+}
+_FINISH_TO_PB = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def export_format_from_pb(value: int) -> str:
+    return _EXPORT_FORMAT_FROM_PB.get(value, f"unknown({value})")
+
+
+def generate_request_from_pb(msg: pb.GenerateRequest) -> GenerationRequest:
+    """Unset optional fields stay None (the documented defaults apply)."""
+    return GenerationRequest(
+        model=msg.model, checkpoint=msg.checkpoint, prompt=msg.prompt,
+        messages=tuple((m.role, m.content) for m in msg.messages),
+        max_tokens=msg.max_tokens if msg.HasField("max_tokens") else None,
+        temperature=msg.temperature if msg.HasField("temperature") else None,
+        top_p=msg.top_p if msg.HasField("top_p") else None,
+        seed=msg.seed if msg.HasField("seed") else None)
+
+
+def generation_piece_to_pb(piece: GenerationPiece) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(text=piece.text)
+    if piece.finish_reason is not None:
+        msg.finish_reason = _FINISH_TO_PB.get(piece.finish_reason,
+                                              pb.FINISH_REASON_UNSPECIFIED)
+        msg.prompt_tokens = piece.prompt_tokens
+        msg.generated_tokens = piece.generated_tokens
+        msg.tokens_per_second = piece.tokens_per_second
+    return msg

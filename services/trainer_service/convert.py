@@ -66,7 +66,7 @@ def dataset_to_pb(record: DatasetRecord) -> pb.Dataset:
         name=record.name, format=_FORMAT_TO_PB.get(DatasetFormat(record.format), 0),
         num_records=record.num_records, size_bytes=record.size_bytes, digest=record.digest,
         create_time=timestamp(record.create_time), display_name=record.display_name,
-        source=record.source)
+        source=record.source, num_images=record.num_images)
 
 
 def training_config_from_pb(msg: pb.TrainingConfig) -> TrainingConfig:

@@ -22,9 +22,13 @@ def _upload_chunks(first_then_rest):
 
     def chunks():
         for i, message in enumerate(iterator, start=1):
-            if message.WhichOneof("content") != "chunk":
+            kind = message.WhichOneof("content")
+            if kind == "image":  # a FileChunk of an image the records reference
+                yield message.image
+                continue
+            if kind != "chunk":
                 raise InvalidArgument.field(f"messages[{i}]", "only the first message may be "
-                                            "a header; the rest must be chunks")
+                                            "a header; the rest must be chunks or images")
             yield message.chunk
 
     return first.header, chunks()

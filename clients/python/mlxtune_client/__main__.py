@@ -1,0 +1,7 @@
+"""``python -m mlxtune_client``: the mlxtune CLI."""
+
+import sys
+
+from mlxtune_client.cli import main
+
+sys.exit(main())

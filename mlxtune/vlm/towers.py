@@ -1,0 +1,203 @@
+"""Towers of a VLM: what each holds, which of its modules a config adapts, counts.
+
+Selection follows the text path's rules (PEFT's suffix matching,
+"all-linear" without the output head, the same rank checks) applied only to
+the modules of the selected towers, so ``"q_proj"`` or ``"all-linear"`` never
+reaches into the vision tower unless the config names that tower.
+``num_layers`` limits the language model's blocks, as for text models; a
+selected vision tower is adapted in every block.
+
+Selected modules are expressed as mlx-lm keys: paths relative to a language
+block, full paths for everything else. mlx-lm's ``linear_to_lora_layers``
+applies both forms (relative keys to ``model.layers``, which on mlx-vlm
+models are the language blocks; full keys to the whole model), so its LoRA and
+DoRA layers, and its ``load_adapters``, serve VLMs unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlxtune.adapters.config import ALL_LINEAR, AdapterConfig
+from mlxtune.adapters.targets import (
+    OUTPUT_HEADS,
+    ModuleInfo,
+    Selection,
+    _check_uniform_blocks,
+    adaptable_modules,
+    available_names,
+)
+from mlxtune.errors import FailedPrecondition, Violations
+from mlxtune.vlm.families import Tower, VlmFamily
+
+
+@dataclass
+class TargetGroup:
+    """Modules of one name, type and shape (InspectModel's TargetableModule)."""
+
+    name: str
+    layer_type: str
+    count: int
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class TowerReport:
+    """InspectModel's TowerInfo."""
+
+    tower: Tower
+    module: str
+    num_layers: int
+    parameters: int
+    targetable: list[TargetGroup] = field(default_factory=list)
+
+
+@dataclass
+class TowerCount:
+    """ParameterReport's TowerParameters."""
+
+    tower: Tower
+    trainable: int
+    total: int
+
+    def to_dict(self) -> dict:
+        return {"tower": self.tower.value, "trainable": self.trainable, "total": self.total}
+
+
+def resolve_path(model: nn.Module, path: str):
+    """The module (or list) at a dotted path; list items by their index."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else getattr(node, part)
+    return node
+
+
+def group_targets(modules: list[ModuleInfo]) -> list[TargetGroup]:
+    groups: dict[tuple, TargetGroup] = {}
+    for m in modules:
+        key = (m.leaf, m.layer_type, m.in_features, m.out_features)
+        if key not in groups:
+            groups[key] = TargetGroup(m.leaf, m.layer_type, 0, m.in_features, m.out_features)
+        groups[key].count += 1
+    return list(groups.values())
+
+
+def tower_reports(model: nn.Module, family: VlmFamily) -> list[TowerReport]:
+    """Every tower with its module path, block count, parameters and targets."""
+    modules = adaptable_modules(model)
+    totals = _tower_totals(model, family)
+    reports = []
+    for tower, layout in family.towers.items():
+        blocks = len(resolve_path(model, layout.blocks)) if layout.blocks else 0
+        own = [m for m in modules if family.tower_of(m.path) is tower]
+        reports.append(TowerReport(tower, layout.module, blocks, totals[tower],
+                                   group_targets(own)))
+    return reports
+
+
+def tower_counts(model: nn.Module, family: VlmFamily) -> list[TowerCount]:
+    """Trainable and total parameters per tower, as PEFT counts them: a
+    tower's total includes the adapters placed on it."""
+    totals = _tower_totals(model, family)
+    trainable = dict.fromkeys(family.towers, 0)
+    for name, value in tree_flatten(model.trainable_parameters()):
+        trainable[family.tower_of(name) or Tower.LANGUAGE] += value.size
+    return [TowerCount(t, trainable[t], totals[t]) for t in family.towers]
+
+
+def _tower_totals(model: nn.Module, family: VlmFamily) -> dict[Tower, int]:
+    # Each module counts only the parameters it owns (a LoRA layer: its A and
+    # B; its wrapped base layer: the weights), so the sum over modules is every
+    # parameter once, quantized weights at their logical size.
+    totals = dict.fromkeys(family.towers, 0)
+    for path, module in model.named_modules():
+        # Parameters outside every tower (none in the supported families) count
+        # as the language model's, so the towers always add up to the model.
+        totals[family.tower_of(path) or Tower.LANGUAGE] += owned_parameter_count(module)
+    return totals
+
+
+def owned_parameter_count(module: nn.Module) -> int:
+    """``local_parameter_count`` over the module's parameters only: mlx-vlm
+    layers keep buffers such as rotary tables in "_"-prefixed arrays, which
+    MLX leaves out of ``parameters()`` and PEFT does not count either."""
+    bits = getattr(module, "bits", None)
+    count = 0
+    for name, value in module.items():
+        if name.startswith("_") or not isinstance(value, mx.array):
+            continue
+        if bits and name in ("scales", "biases"):
+            continue
+        count += value.size * 32 // bits if bits and name == "weight" else value.size
+    return count
+
+
+def select_vlm_modules(model: nn.Module, family: VlmFamily, config: AdapterConfig,
+                       towers: tuple[Tower, ...], v: Violations | None = None) -> Selection:
+    """The modules `config` (effective) adapts within `towers`.
+
+    Raises InvalidArgument listing every problem, those already in `v` too."""
+    v = v if v is not None else Violations()
+    modules = [m for m in adaptable_modules(model) if family.tower_of(m.path) in towers]
+    total = len(model.layers)
+    first_block = max(0, total - (config.num_layers or total))
+    in_range = [m for m in modules if m.block is None or m.block >= first_block]
+    targets = list(config.target_modules)
+    order = {m.path: i for i, m in enumerate(modules)}
+    if targets == [ALL_LINEAR]:
+        chosen = [m for m in in_range if m.is_linear and m.leaf not in OUTPUT_HEADS]
+        peft_targets = available_names(chosen)
+    else:
+        chosen, peft_targets = [], targets
+        names = ", ".join(available_names(modules))
+        for i, name in enumerate(targets):
+            hits = [m for m in in_range if m.path == name or m.path.endswith("." + name)]
+            if not hits:
+                v.add(f"adapter_config.target_modules[{i}]",
+                      f"{name!r} matches no module of the towers "
+                      f"{', '.join(t.value for t in towers)}; available: {names}")
+            chosen += [m for m in hits if m not in chosen]
+    if not targets:
+        v.add("adapter_config.target_modules", "no target modules given")
+    if config.method != "full":
+        for m in chosen:
+            limit = min(m.in_features, m.out_features)
+            if config.rank > limit:
+                v.add("adapter_config.rank",
+                      f"rank {config.rank} exceeds {m.path} ({m.in_features}x{m.out_features}); "
+                      f"at most {limit}")
+                break
+    chosen.sort(key=lambda m: order[m.path])
+    _check_uniform_blocks(chosen, first_block, total, v)
+    v.raise_if_any(reason="INVALID_ADAPTER_CONFIG")
+    keys = sorted({m.relative for m in chosen})
+    return Selection(modules=chosen, mlx_keys=keys, peft_targets=peft_targets)
+
+
+def unfreeze_towers_for_full(model: nn.Module, family: VlmFamily, towers: tuple[Tower, ...],
+                             num_layers: int) -> None:
+    """Full fine-tuning: every parameter of the selected towers trains (of the
+    language model, only the last `num_layers` blocks when that is fewer than all)."""
+    quantized = [p for p, m in model.named_modules() if hasattr(m, "bits")
+                 and family.tower_of(p) in towers]
+    if quantized:
+        raise FailedPrecondition(
+            message=f"full fine-tuning needs unquantized weights, but {quantized[0]} and "
+            f"{len(quantized) - 1} more modules are quantized; use LoRA or DoRA",
+            reason="QUANTIZED_FULL_FINE_TUNE")
+    model.freeze()
+    for tower in towers:
+        layout = family.towers[tower]
+        if tower is Tower.LANGUAGE and num_layers < len(model.layers):
+            for block in model.layers[len(model.layers) - num_layers:]:
+                block.unfreeze()
+            continue
+        resolve_path(model, layout.module).unfreeze()
+        for excluded in layout.excludes:
+            if family.tower_of(excluded) not in towers:
+                resolve_path(model, excluded).freeze()
