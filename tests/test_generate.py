@@ -134,6 +134,25 @@ def test_model_cache_keeps_the_most_recent():
     assert loads == ["a", "b", "c", "b"] and len(cache) == 2
 
 
+def test_generation_runs_on_one_thread(models_dir, tmp_path):
+    # mlx-lm generates on a thread-local MLX stream; a thread per request would
+    # leave MLX worker threads behind for every request.
+    import os
+
+    from services.peft_service.core import PeftCore
+    from services.peft_service.generate import GenerationRequest
+
+    core = PeftCore(tmp_path / "store", models_dir, allow_hub=False)
+    request = GenerationRequest(model="tiny-llama", prompt=PROMPT, max_tokens=2)
+
+    def threads_after(requests: int) -> int:
+        for _ in range(requests):
+            assert list(core.generate(request))[-1].generated_tokens == 2
+        return len(os.listdir("/proc/self/task"))
+
+    assert threads_after(6) == threads_after(2)
+
+
 @pytest.mark.slow
 def test_smollm2_answers_and_stops(services, smollm2):
     link = services.models_dir / "smollm2-generate.gguf"

@@ -10,7 +10,7 @@ field violations name the file and tensor, and say what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -185,8 +185,6 @@ def _check_tensors(model: nn.Module, selection: Selection, config: AdapterConfig
 
 
 def _replace_targets(config: AdapterConfig, names: list[str]) -> AdapterConfig:
-    from dataclasses import replace
-
     return replace(config, target_modules=tuple(names))
 
 
