@@ -96,11 +96,13 @@ def local_parameter_count(module: nn.Module) -> int:
 
     Quantization scales and biases are storage detail, not parameters: a
     quantized model has the parameter count of the model it was made from.
+    "_"-prefixed arrays are buffers (e.g. rotary tables), which MLX leaves
+    out of ``parameters()`` and PEFT does not count either.
     """
     bits = getattr(module, "bits", None)
     count = 0
     for name, value in module.items():
-        if not isinstance(value, mx.array):
+        if name.startswith("_") or not isinstance(value, mx.array):
             continue
         if bits and name in ("scales", "biases"):
             continue

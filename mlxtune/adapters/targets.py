@@ -85,14 +85,16 @@ def adaptable_modules(model: nn.Module) -> list[ModuleInfo]:
     return out
 
 
-def select_modules(model: nn.Module, config: AdapterConfig,
-                   v: Violations | None = None) -> Selection:
+def select_modules(model: nn.Module, config: AdapterConfig, v: Violations | None = None, *,
+                   candidates: list[ModuleInfo] | None = None, scope: str = "") -> Selection:
     """The modules `config` (effective, defaults filled) adapts.
 
-    Raises InvalidArgument with every problem found here and in `v` (problems
-    the caller found already, so one error lists them all).
+    `candidates` narrows the search (e.g. to some towers of a vision-language
+    model; `scope` then says which, in error messages). Raises InvalidArgument
+    with every problem found here and in `v` (problems the caller found
+    already, so one error lists them all).
     """
-    modules = adaptable_modules(model)
+    modules = candidates if candidates is not None else adaptable_modules(model)
     total = len(model.layers)
     first_block = max(0, total - (config.num_layers or total))
     in_range = [m for m in modules if m.block is None or m.block >= first_block]
@@ -110,7 +112,8 @@ def select_modules(model: nn.Module, config: AdapterConfig,
             hits = [m for m in in_range if m.path == name or m.path.endswith("." + name)]
             if not hits:
                 v.add(f"adapter_config.target_modules[{i}]",
-                      f"{name!r} matches no module; available: {', '.join(available_names(modules))}")
+                      f"{name!r} matches no module{scope}; "
+                      f"available: {', '.join(available_names(modules))}")
             chosen += [m for m in hits if m not in chosen]
     if not targets:
         v.add("adapter_config.target_modules", "no target modules given")

@@ -18,19 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxtune.adapters.config import ALL_LINEAR, AdapterConfig
-from mlxtune.adapters.targets import (
-    OUTPUT_HEADS,
-    ModuleInfo,
-    Selection,
-    _check_uniform_blocks,
-    adaptable_modules,
-    available_names,
-)
+from mlxtune.adapters.apply import local_parameter_count
+from mlxtune.adapters.config import AdapterConfig
+from mlxtune.adapters.targets import ModuleInfo, Selection, adaptable_modules, select_modules
 from mlxtune.errors import FailedPrecondition, Violations
 from mlxtune.vlm.families import Tower, VlmFamily
 
@@ -118,23 +111,8 @@ def _tower_totals(model: nn.Module, family: VlmFamily) -> dict[Tower, int]:
     for path, module in model.named_modules():
         # Parameters outside every tower (none in the supported families) count
         # as the language model's, so the towers always add up to the model.
-        totals[family.tower_of(path) or Tower.LANGUAGE] += owned_parameter_count(module)
+        totals[family.tower_of(path) or Tower.LANGUAGE] += local_parameter_count(module)
     return totals
-
-
-def owned_parameter_count(module: nn.Module) -> int:
-    """``local_parameter_count`` over the module's parameters only: mlx-vlm
-    layers keep buffers such as rotary tables in "_"-prefixed arrays, which
-    MLX leaves out of ``parameters()`` and PEFT does not count either."""
-    bits = getattr(module, "bits", None)
-    count = 0
-    for name, value in module.items():
-        if name.startswith("_") or not isinstance(value, mx.array):
-            continue
-        if bits and name in ("scales", "biases"):
-            continue
-        count += value.size * 32 // bits if bits and name == "weight" else value.size
-    return count
 
 
 def select_vlm_modules(model: nn.Module, family: VlmFamily, config: AdapterConfig,
@@ -142,41 +120,9 @@ def select_vlm_modules(model: nn.Module, family: VlmFamily, config: AdapterConfi
     """The modules `config` (effective) adapts within `towers`.
 
     Raises InvalidArgument listing every problem, those already in `v` too."""
-    v = v if v is not None else Violations()
-    modules = [m for m in adaptable_modules(model) if family.tower_of(m.path) in towers]
-    total = len(model.layers)
-    first_block = max(0, total - (config.num_layers or total))
-    in_range = [m for m in modules if m.block is None or m.block >= first_block]
-    targets = list(config.target_modules)
-    order = {m.path: i for i, m in enumerate(modules)}
-    if targets == [ALL_LINEAR]:
-        chosen = [m for m in in_range if m.is_linear and m.leaf not in OUTPUT_HEADS]
-        peft_targets = available_names(chosen)
-    else:
-        chosen, peft_targets = [], targets
-        names = ", ".join(available_names(modules))
-        for i, name in enumerate(targets):
-            hits = [m for m in in_range if m.path == name or m.path.endswith("." + name)]
-            if not hits:
-                v.add(f"adapter_config.target_modules[{i}]",
-                      f"{name!r} matches no module of the towers "
-                      f"{', '.join(t.value for t in towers)}; available: {names}")
-            chosen += [m for m in hits if m not in chosen]
-    if not targets:
-        v.add("adapter_config.target_modules", "no target modules given")
-    if config.method != "full":
-        for m in chosen:
-            limit = min(m.in_features, m.out_features)
-            if config.rank > limit:
-                v.add("adapter_config.rank",
-                      f"rank {config.rank} exceeds {m.path} ({m.in_features}x{m.out_features}); "
-                      f"at most {limit}")
-                break
-    chosen.sort(key=lambda m: order[m.path])
-    _check_uniform_blocks(chosen, first_block, total, v)
-    v.raise_if_any(reason="INVALID_ADAPTER_CONFIG")
-    keys = sorted({m.relative for m in chosen})
-    return Selection(modules=chosen, mlx_keys=keys, peft_targets=peft_targets)
+    candidates = [m for m in adaptable_modules(model) if family.tower_of(m.path) in towers]
+    return select_modules(model, config, v, candidates=candidates,
+                          scope=f" of the towers {', '.join(t.value for t in towers)}")
 
 
 def unfreeze_towers_for_full(model: nn.Module, family: VlmFamily, towers: tuple[Tower, ...],
