@@ -47,7 +47,6 @@ def load_checkpoint_model(record: CheckpointRecord, compute_dtype: str | None = 
     For training, the base is frozen and only the adapter (or, for full
     fine-tuning, the selected blocks) is trainable.
     """
-    from mlx_lm.tuner.utils import load_adapters
 
     verify_base_unchanged(record)
     base = record.manifest.base_model
@@ -57,20 +56,29 @@ def load_checkpoint_model(record: CheckpointRecord, compute_dtype: str | None = 
         return load_vlm_checkpoint(record, compute_dtype, for_training=for_training)
     model, tokenizer, config = load_base_model(base["resolved_path"], base["format"],
                                                compute_dtype)
-    adapter_config = AdapterConfig.from_dict(record.manifest.adapter_config)
-    model.freeze()
-    try:
-        # mlx-lm re-creates its LoRA/DoRA layers from adapter_config.json and
-        # refuses tensors whose names or shapes don't match the model.
-        load_adapters(model, str(record.path))
-    except ValueError as exc:
-        raise FailedPrecondition(message=f"{record.manifest.name} does not fit its base "
-                                 f"model: {exc}", reason="ADAPTER_MISMATCH") from exc
+    adapter_config = attach_adapter(model, record)
     if adapter_config.method == "full" and for_training:
         unfreeze_for_full(model, adapter_config)
     if not for_training:
         model.eval()
     return LoadedCheckpoint(model, tokenizer, config, adapter_config)
+
+
+def attach_adapter(model: nn.Module, record: CheckpointRecord) -> AdapterConfig:
+    """Freeze `model` and put the checkpoint's adapter on it; returns its config.
+
+    mlx-lm re-creates its LoRA/DoRA layers from adapter_config.json and
+    refuses tensors whose names or shapes don't match the model.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    model.freeze()
+    try:
+        load_adapters(model, str(record.path))
+    except ValueError as exc:
+        raise FailedPrecondition(message=f"{record.manifest.name} does not fit its base "
+                                 f"model: {exc}", reason="ADAPTER_MISMATCH") from exc
+    return AdapterConfig.from_dict(record.manifest.adapter_config)
 
 
 def read_adapter_file(record: CheckpointRecord) -> dict:

@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxtune.adapters.checkpoint import LoadedCheckpoint
-from mlxtune.adapters.config import AdapterConfig
-from mlxtune.errors import FailedPrecondition
+from mlxtune.adapters.checkpoint import LoadedCheckpoint, attach_adapter
 from mlxtune.store.checkpoints import CheckpointRecord
 from mlxtune.vlm.families import Tower, VlmFamily, vlm_family
 
@@ -42,8 +40,6 @@ def load_vlm_checkpoint(record: CheckpointRecord, compute_dtype: str | None = No
                         *, for_training: bool = True) -> VlmLoadedCheckpoint:
     """Base VLM + the checkpoint's adapter; for training only the adapter
     (or, for full fine-tuning, the selected towers) is trainable."""
-    from mlx_lm.tuner.utils import load_adapters
-
     from mlxtune.models.load import default_compute_dtype
     from mlxtune.vlm.models import load_vlm
     from mlxtune.vlm.towers import unfreeze_towers_for_full
@@ -52,13 +48,7 @@ def load_vlm_checkpoint(record: CheckpointRecord, compute_dtype: str | None = No
     model, processor, config = load_vlm(base["resolved_path"],
                                         compute_dtype or default_compute_dtype())
     family = vlm_family(config)
-    adapter_config = AdapterConfig.from_dict(record.manifest.adapter_config)
-    model.freeze()
-    try:
-        load_adapters(model, str(record.path))
-    except ValueError as exc:
-        raise FailedPrecondition(message=f"{record.manifest.name} does not fit its base "
-                                 f"model: {exc}", reason="ADAPTER_MISMATCH") from exc
+    adapter_config = attach_adapter(model, record)
     if adapter_config.method == "full" and for_training:
         towers = tuple(Tower(t) for t in adapter_config.towers)
         unfreeze_towers_for_full(model, family, towers,
