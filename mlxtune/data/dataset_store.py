@@ -14,8 +14,6 @@ a whole dataset, never half of one.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import os
@@ -29,11 +27,10 @@ from typing import Any
 
 from mlxtune.data.formats import DatasetFormat, iter_file_lines, validate_jsonl
 from mlxtune.errors import InvalidArgument, NotFound, ResourceExhausted
+from mlxtune.store.paging import paginate
 
 DATASET_ID_PATTERN = re.compile(r"^[a-f0-9]{16}$")
 DEFAULT_MAX_UPLOAD_BYTES = 1 << 30
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
 # Staging folders older than this are leftovers of a crash.
 STALE_TMP_SECONDS = 24 * 3600
 
@@ -208,20 +205,9 @@ class DatasetStore:
         """One page of datasets, newest first, and the next page's token
         ("" on the last page). The token is a cursor (time and id of the
         page's last dataset), so datasets added meanwhile never shift pages."""
-        if page_size < 0:
-            raise InvalidArgument.field("page_size", "must not be negative")
-        page_size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        records = []
-        for entry in self.datasets_dir.iterdir():
-            if DATASET_ID_PATTERN.match(entry.name) and (entry / "meta.json").exists():
-                records.append(self.get(entry.name))
-        records.sort(key=_newest_first)
-        if page_token:
-            cursor = _decode_page_token(page_token)
-            records = [r for r in records if _newest_first(r) > cursor]
-        page = records[:page_size]
-        next_token = _encode_page_token(page[-1]) if len(records) > page_size else ""
-        return page, next_token
+        records = [self.get(entry.name) for entry in self.datasets_dir.iterdir()
+                   if DATASET_ID_PATTERN.match(entry.name) and (entry / "meta.json").exists()]
+        return paginate(records, lambda r: (r.create_time, r.id), page_size, page_token)
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - STALE_TMP_SECONDS
@@ -318,23 +304,6 @@ def resolve_data_path(data_root: str | Path, path: str) -> Path:
     if not resolved.is_file():
         raise InvalidArgument.field(field, f"{path!r} is not a regular file")
     return resolved
-
-
-def _newest_first(record: DatasetRecord) -> tuple[float, str]:
-    return (-record.create_time, record.id)
-
-
-def _encode_page_token(record: DatasetRecord) -> str:
-    raw = json.dumps([record.create_time, record.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode()
-
-
-def _decode_page_token(token: str) -> tuple[float, str]:
-    try:
-        create_time, dataset_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return (-float(create_time), check_dataset_id(dataset_id))
-    except (ValueError, TypeError, binascii.Error, InvalidArgument):
-        raise InvalidArgument.field("page_token", "not a token this server returned") from None
 
 
 def _digest_hex(data: bytes) -> str:
