@@ -38,6 +38,7 @@ proto: $(GENERATED)
 
 lint: $(INSTALLED)
 	cd protos && ../$(VENV)/bin/buf lint
+	$(VENV)/bin/ruff check .
 
 # Debian packages the tests use as real peers (Prometheus, Go toolchain).
 system-deps:

@@ -278,7 +278,7 @@ def tokenizer(tmp_path_factory):
 def supervised_runs(tokenizer, example: TokenizedExample) -> list[str]:
     """The decoded text of each run of consecutive supervised tokens."""
     runs, current = [], []
-    for token, weight in zip(example.tokens.tolist(), example.mask.tolist()):
+    for token, weight in zip(example.tokens.tolist(), example.mask.tolist(), strict=True):
         if weight:
             current.append(token)
         elif current:

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_helpers import (
     counting_records,
     final_state,
-    jsonl,
     job_request,
+    jsonl,
     kind,
     losses,
     prepare,

@@ -228,7 +228,7 @@ def _to_row(job: JobRecord) -> dict:
 
 
 def _from_row(cursor: sqlite3.Cursor, row: tuple) -> JobRecord:
-    data = {d[0]: v for d, v in zip(cursor.description, row)}
+    data = {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
     for key in _JSON_COLUMNS:
         data[key] = json.loads(data[key])
     return JobRecord(**data)

@@ -81,7 +81,8 @@ def detect_format(path: Path) -> ModelFormat:
     try:
         cfg = json.loads(config.read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidArgument.field("model", f"{path.name}/config.json is not valid JSON: {exc}")
+        raise InvalidArgument.field(
+            "model", f"{path.name}/config.json is not valid JSON: {exc}") from exc
     if "quantization" in cfg or "quantization" in cfg.get("text_config", {}):
         return ModelFormat.MLX_QUANTIZED
     return ModelFormat.HF

@@ -138,7 +138,8 @@ def _read_config(path: Path) -> dict:
     try:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidArgument.field("model", f"cannot read {path.name}/config.json: {exc}")
+        raise InvalidArgument.field(
+            "model", f"cannot read {path.name}/config.json: {exc}") from exc
 
 
 def _check_supported(config: dict) -> None:

@@ -34,7 +34,8 @@ def decode_token(token: str) -> list:
             raise ValueError("not a list")
         return key
     except (ValueError, TypeError) as exc:
-        raise InvalidArgument.field("page_token", f"not a token this server issued ({exc})")
+        raise InvalidArgument.field(
+            "page_token", f"not a token this server issued ({exc})") from None
 
 
 def paginate(items: list[T], key: Callable[[T], Sequence], page_size: int,
