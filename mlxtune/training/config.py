@@ -264,4 +264,5 @@ def _non_negative(v: Violations, name: str, value) -> None:
 
 
 def _summary(items: list[FieldViolation]) -> str:
-    return "invalid training config: " + "; ".join(f"{i.field} {i.description}" for i in items)
+    # "field: description", the form the status layer recognises (so it does not repeat them).
+    return "invalid training config: " + "; ".join(f"{i.field}: {i.description}" for i in items)

@@ -47,7 +47,7 @@ class Command:
 
 COMMANDS: list[Command] = []
 # Modules whose import registers subcommands, in the order --help lists them.
-COMMAND_MODULES = ("mlxtune_client.commands",)
+COMMAND_MODULES = ("mlxtune_client.commands", "mlxtune_client.commands_adapters")
 
 
 def arg(*flags: str, **options: Any) -> tuple[tuple, dict]:

@@ -153,6 +153,33 @@ class MlxtuneClient:
         self._unary(self.peft.DeleteCheckpoint, peft_pb.DeleteCheckpointRequest(name=name),
                     retry=False)
 
+    def export_checkpoint(self, name: str, format: str = "mlx",  # noqa: A002
+                          dest_dir: str | os.PathLike = ".") -> list:
+        """Download a checkpoint as "mlx", "peft" or "fused" files into dest_dir."""
+        from mlxtune_client import adapters
+
+        return self._call(lambda: adapters.export_checkpoint(self.peft, name, format, dest_dir),
+                          "peft")
+
+    def import_adapter(self, model: str, src_dir: str | os.PathLike, *,
+                       request_id: str | None = None) -> common_pb.Checkpoint:
+        """Upload a Hugging Face PEFT adapter folder as a checkpoint of `model`; retries
+        resend the same request_id."""
+        from mlxtune_client import adapters
+
+        request_id = request_id or str(uuid.uuid4())
+        return self._call(lambda: adapters.import_adapter(self.peft, model, src_dir,
+                                                          request_id=request_id), "peft")
+
+    def generate(self, **request) -> Iterator[peft_pb.GenerateResponse]:
+        """Stream generated text (see mlxtune_client.adapters.generate for the fields)."""
+        from mlxtune_client import adapters
+
+        try:
+            yield from adapters.generate(self.peft, **request)
+        except grpc.RpcError as rpc_error:
+            raise MlxtuneClientError.from_rpc_error(rpc_error) from None
+
     # -- datasets ------------------------------------------------------------
 
     def upload_dataset(self, source: str | os.PathLike | bytes, *,

@@ -192,7 +192,24 @@ def summarize(console: Console, client: MlxtuneClient, job: trainer_pb.TrainingJ
         change = 100 * (after - before) / before
         console.print(f"validation loss: {label} [bold]{before:.4f}[/] -> after "
                       f"[bold]{after:.4f}[/] ({change:+.1f}%)")
+    show_before_after(console, client, trained)
     return 0
+
+
+def show_before_after(console: Console, client: MlxtuneClient, trained) -> None:
+    """Answer a held-out question with the base model, then with the adapter."""
+    import json
+
+    console.rule("6. what the fine-tune changed")
+    record = json.loads((DATA_DIR / "stdlib_valid.jsonl").read_text().splitlines()[0])
+    question, reference = (m["content"] for m in record["messages"][:2])
+    console.print(f"question (held out): {question}\nthe docstring says:  {reference}")
+    for label, request in (("base model", {"model": trained.base_model.model}),
+                           ("fine-tuned", {"checkpoint": trained.name})):
+        with console.status(f"generating with the {label} ..."):
+            answer = "".join(piece.text for piece in client.generate(
+                messages=[("user", question)], max_tokens=48, **request))
+        console.print(f"[bold]{label:>10}:[/] {answer.strip()}")
 
 
 if __name__ == "__main__":
