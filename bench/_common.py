@@ -65,18 +65,18 @@ class Machine:
 
     def __init__(self) -> None:
         self.load_before = load_average()
+        self.busy = os.getloadavg()[0] > BUSY_LOAD
         self.started = time.monotonic()
 
     def header(self, title: str) -> str:
         usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-        busy = os.getloadavg()[0] > BUSY_LOAD
         return (
             f"## {title}\n\n"
             f"Machine: {cpu_model()}, {os.cpu_count()} cores ({usable} usable), "
             f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
             f"mlx {package_version('mlx')}, mlx-lm {package_version('mlx-lm')}\n"
             f"Load average (1/5/15 min) before: {self.load_before}"
-            + ("  -- the machine is busy: numbers are noisy" if busy else "")
+            + ("  -- the machine is busy: numbers are noisy" if self.busy else "")
         )
 
     def footer(self) -> str:

@@ -457,7 +457,9 @@ def test_collate_pads_with_zero_mask():
     examples = [TokenizedExample(np.arange(1, 6, dtype=np.int32), np.array([0, 0, 1, 1, 1], np.float32)),
                 TokenizedExample(np.arange(1, 12, dtype=np.int32), np.r_[0, np.ones(10)].astype(np.float32))]
     batch = collate(examples, pad_to_multiple_of=8)
-    assert batch.tokens.shape == (2, 16) and batch.tokens.dtype == np.int32
+    # The model reads tokens[:, :-1]: its length (16) is the multiple.
+    assert batch.tokens.shape == (2, 17) and batch.tokens.dtype == np.int32
+    assert collate(examples[:1], pad_to_multiple_of=4).tokens.shape == (1, 5)
     assert batch.lengths.tolist() == [5, 11]
     assert batch.loss_mask[0, 5:].sum() == 0 and batch.loss_mask[1, 11:].sum() == 0
     assert batch.tokens[0, :5].tolist() == [1, 2, 3, 4, 5]
@@ -481,7 +483,7 @@ def test_end_to_end_store_to_batches(tmp_path, tokenizer):
     tokenized = tokenize_records(store.read_records(record.id), record.format, tokenizer)
     plan = BatchPlan(tokenized.lengths, batch_size=3, seed=1)
     batch = collate([tokenized.examples[i] for i in plan.batch_indices(0)])
-    assert batch.tokens.shape[1] % 8 == 0
+    assert (batch.tokens.shape[1] - 1) % 32 == 0  # the model input length is the multiple
     assert batch.num_supervised == sum(tokenized.examples[i].num_supervised
                                        for i in plan.batch_indices(0))
     assert os.listdir(tmp_path / "store/tmp") == []

@@ -116,9 +116,13 @@ class TrainingRun:
         callbacks = TrainingCallbacks(on_step=self._on_step, on_eval=self._on_eval,
                                       on_checkpoint=self._on_checkpoint,
                                       should_stop=lambda: self.commands.should_stop)
+        # Logits only at supervised positions pay on a CPU (1.5x on SmolLM2); on a
+        # GPU the head is cheap and the gather costs more than it saves (measured
+        # on an H200: full logits 2-5% faster), so the GPU computes them all.
         trainer = Trainer(model, cfg, batch_at, batches_per_epoch=plan.batches_per_epoch,
                           validation_batches=val_batches, callbacks=callbacks, resume=resume_state,
-                          loss=vlm.loss if vlm is not None else None)
+                          loss=vlm.loss if vlm is not None else None,
+                          selective_logits=self.device == "cpu")
         from mlx.utils import tree_flatten
 
         self.reporter.report(
