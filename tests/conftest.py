@@ -92,6 +92,9 @@ class Services:
 @pytest.fixture(scope="module")
 def services(models_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("services")
-    running = Services(root / "store", models_dir, root / "logs")
+    (root / "data").mkdir()
+    running = Services(root / "store", models_dir, root / "logs",
+                       trainer_args=["--data-root", str(root / "data")])
+    running.data_root = root / "data"
     yield running
     running.close()

@@ -113,3 +113,21 @@ def test_quantized_model_counts_equal_its_float_original(models_dir, tmp_path):
     assert q.manifest.parameters["total"] == f.manifest.parameters["total"]
     assert q.manifest.id != f.manifest.id  # different base model, different checkpoint
     assert core.inspect_model("tiny-llama-4bit").quantization["bits"] == 4
+
+
+def test_print_trainable_parameters_prints_what_peft_prints(models_dir, tmp_path, capsys):
+    from peft import LoraConfig
+    from peft import get_peft_model as peft_get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mlxtune.adapters.apply import print_trainable_parameters
+    from mlxtune.adapters.checkpoint import load_checkpoint_model
+
+    core = PeftCore(tmp_path / "store", models_dir)
+    record, _ = core.prepare_checkpoint("tiny-qwen2", AdapterConfig(rank=4, method="dora"))
+    ours = print_trainable_parameters(load_checkpoint_model(record).model)
+    model = AutoModelForCausalLM.from_pretrained(models_dir / "tiny-qwen2", dtype=torch.float32)
+    capsys.readouterr()
+    peft_get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                          use_dora=True)).print_trainable_parameters()
+    assert capsys.readouterr().out.strip() == ours

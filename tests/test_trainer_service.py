@@ -235,3 +235,26 @@ def _process_alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_create_dataset_from_the_data_root_and_nowhere_else(services, tmp_path):
+    stub = services.trainer_stub
+    (services.data_root / "team").mkdir(exist_ok=True)
+    (services.data_root / "team" / "counting.jsonl").write_bytes(jsonl(counting_records(12)))
+    request = tpb.CreateDatasetRequest(path="team/counting.jsonl", request_id="ds-1",
+                                       display_name="from the data root")
+    dataset = stub.CreateDataset(request).dataset
+    assert dataset.num_records == 12 and dataset.source == "team/counting.jsonl"
+    assert dataset.format == tpb.DATASET_FORMAT_COMPLETIONS
+    assert stub.CreateDataset(request).dataset.name == dataset.name  # retried: same dataset
+    uploaded = upload(stub, jsonl(counting_records(12)))
+    assert uploaded.name == dataset.name  # content-addressed: the same bytes, the same id
+    outside = tmp_path / "secret.jsonl"
+    outside.write_bytes(jsonl(counting_records(12)))
+    for path, code in (("../../etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+                       (str(outside), grpc.StatusCode.INVALID_ARGUMENT),
+                       ("team/missing.jsonl", grpc.StatusCode.NOT_FOUND)):
+        err = rpc_error(stub.CreateDataset, tpb.CreateDatasetRequest(path=path))
+        assert err.code() == code, path
+    listed = stub.ListDatasets(tpb.ListDatasetsRequest(page_size=1000)).datasets
+    assert dataset.name in {d.name for d in listed}

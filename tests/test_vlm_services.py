@@ -215,3 +215,21 @@ def test_bad_images_are_rejected_with_line_numbers(vlm_services, photos):
         tpb.UploadDatasetRequest(header=tpb.UploadDatasetHeader()),
         tpb.UploadDatasetRequest(chunk=text_only)]))
     assert "was not uploaded" in err.details()
+
+
+def test_python_client_uploads_the_images_a_dataset_references(vlm_services, photos, dataset,
+                                                                tmp_path):
+    from mlxtune_client import MlxtuneClient, MlxtuneClientError
+
+    for path, data in photos.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    jsonl_file = tmp_path / "captions.jsonl"
+    jsonl_file.write_bytes(jsonl(caption_records()))
+    with MlxtuneClient(vlm_services.peft.address, vlm_services.trainer.address) as client:
+        uploaded = client.upload_dataset(jsonl_file, images=tmp_path, chunk_size=4096)
+        # The same records and image bytes: the dataset the raw stubs uploaded.
+        assert uploaded.name == dataset.name and uploaded.num_images == len(photos)
+        (tmp_path / next(iter(photos))).unlink()
+        with pytest.raises(MlxtuneClientError, match="images missing"):
+            client.upload_dataset(jsonl_file, images=tmp_path)

@@ -55,13 +55,19 @@ def get_peft_model(model: nn.Module, config: AdapterConfig,
     Afterwards only the adapter parameters (or, for full fine-tuning, the
     selected blocks) are trainable.
     """
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
     selection = select_modules(model, config, violations)
     model.freeze()
     if config.method == "full":
         unfreeze_for_full(model, config)
         return selection
+    apply_lora_layers(model, config, selection)
+    return selection
+
+
+def apply_lora_layers(model: nn.Module, config: AdapterConfig, selection: Selection) -> None:
+    """Put mlx-lm's LoRA (or DoRA) layers on the selected modules, in place."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
     # The seed makes the initial A matrices reproducible: same inputs, same checkpoint.
     mx.random.seed(config.seed)
     linear_to_lora_layers(
@@ -71,7 +77,6 @@ def get_peft_model(model: nn.Module, config: AdapterConfig,
          "keys": selection.mlx_keys},
         use_dora=config.method == "dora",
     )
-    return selection
 
 
 def unfreeze_for_full(model: nn.Module, config: AdapterConfig) -> None:
@@ -124,6 +129,13 @@ def count_parameters(model: nn.Module, selection: Selection | None = None) -> Pa
             modules.append(ModuleCount(info.path, info.layer_type, info.in_features,
                                        info.out_features, local_parameter_count(base), own))
     return ParameterReport(trainable=trainable, total=total, modules=modules)
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print, and return, the line PEFT's print_trainable_parameters() prints."""
+    line = count_parameters(model).summary
+    print(line)
+    return line
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -185,12 +185,14 @@ class MlxtuneClient:
     def upload_dataset(self, source: str | os.PathLike | bytes, *,
                        format: str | int | None = None, display_name: str | None = None,
                        chunk_size: int = DEFAULT_CHUNK_SIZE, request_id: str | None = None,
-                       ) -> trainer_pb.Dataset:
+                       images: str | os.PathLike | None = None) -> trainer_pb.Dataset:
         """Stream a JSONL file (a path, or its bytes) to the trainer in chunks.
 
         ``format``: "text", "completions" or "chat"; None lets the server detect
         it. A file is read chunk by chunk, never whole, and read again from the
-        start if the upload has to be retried.
+        start if the upload has to be retried. ``images``: the folder the
+        records' image paths are relative to (vision-language chats); every
+        referenced image travels in the same stream.
         """
         if chunk_size < 1:
             raise MlxtuneClientError.invalid_argument(f"chunk_size must be >= 1, got {chunk_size}")
@@ -202,10 +204,17 @@ class MlxtuneClient:
             display_name=display_name or "", format=messages.dataset_format(format),
             request_id=request_id or _new_request_id())
 
+        image_paths = _referenced_images(source, images) if images is not None else []
+
         def requests() -> Iterator[trainer_pb.UploadDatasetRequest]:
             yield trainer_pb.UploadDatasetRequest(header=header)
             for chunk in _chunks(source, chunk_size):
                 yield trainer_pb.UploadDatasetRequest(chunk=chunk)
+            if image_paths:
+                from mlxtune.serving.file_chunks import file_chunks
+
+                for piece in file_chunks(Path(images), image_paths, chunk_size):
+                    yield trainer_pb.UploadDatasetRequest(image=piece)
 
         # A client-streaming call takes a fresh request iterator on each attempt.
         return self._call(lambda: self.trainer.UploadDataset(requests(), timeout=self.timeout),
@@ -303,3 +312,27 @@ def _check_readable(path: str | os.PathLike) -> None:
         raise MlxtuneClientError.invalid_argument(
             f"cannot read {os.fspath(path)}: {error.strerror}",
             reason="DATASET_FILE_UNREADABLE") from None
+
+
+def _referenced_images(source: str | os.PathLike | bytes, folder: str | os.PathLike) -> list[str]:
+    """The image paths the records reference, each once, in order of appearance."""
+    import json
+
+    from mlxtune.vlm.images import ImageProblem, normalize_record
+
+    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) \
+        else Path(source).read_bytes()
+    paths: list[str] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            _, refs = normalize_record(json.loads(line))
+        except (ValueError, ImageProblem) as exc:
+            raise MlxtuneClientError.invalid_argument(f"line {number}: {exc}") from None
+        paths += [p for p in refs if p not in paths]
+    missing = [p for p in paths if not (Path(folder) / p).is_file()]
+    if missing:
+        raise MlxtuneClientError.invalid_argument(
+            f"images missing under {folder}: {', '.join(missing[:5])}")
+    return paths

@@ -69,11 +69,13 @@ _FORMATS = enum_choices(trainer_pb.DatasetFormat.DESCRIPTOR)
 @command("upload", "upload a JSONL dataset", arg("file"),
          arg("--format", choices=_FORMATS, help="default: detected from the first record"),
          arg("--name", dest="display_name", help="display name (default: the file name)"),
+         arg("--images", metavar="DIR",
+             help="folder the records' image paths are relative to (vision-language chats)"),
          arg("--request-id"))
 def upload(ctx: Context) -> None:
     a = ctx.args
     ds = ctx.client.upload_dataset(a.file, format=a.format, display_name=a.display_name,
-                                   request_id=a.request_id)
+                                   request_id=a.request_id, images=a.images)
     ctx.out.result(ds, output.dataset)
 
 
