@@ -233,7 +233,8 @@ def inprocess_worker(store: str, checkpoint: str, steps: int, launched: float,
     pad_id = _pad_id(loaded.tokenizer)
 
     def batch_at(index: int):
-        return collate([examples[i] for i in plan.batch_indices(index)], pad_id=pad_id)
+        return collate([examples[i] for i in plan.batch_indices(index)], pad_id=pad_id,
+                       pad_to_multiple_of=8)  # as the job worker on a CPU
 
     steps_seen, first_step_started = [], []
 
