@@ -85,6 +85,28 @@ def adaptable_modules(model: nn.Module) -> list[ModuleInfo]:
     return out
 
 
+@dataclass
+class TargetGroup:
+    """Modules of one name, type and shape: one entry of InspectModel's targetable list."""
+
+    name: str
+    layer_type: str
+    count: int
+    in_features: int
+    out_features: int
+
+
+def group_targets(modules: list[ModuleInfo]) -> list[TargetGroup]:
+    """The modules grouped by name, type and shape, in model order."""
+    groups: dict[tuple, TargetGroup] = {}
+    for m in modules:
+        key = (m.leaf, m.layer_type, m.in_features, m.out_features)
+        if key not in groups:
+            groups[key] = TargetGroup(m.leaf, m.layer_type, 0, m.in_features, m.out_features)
+        groups[key].count += 1
+    return list(groups.values())
+
+
 def select_modules(model: nn.Module, config: AdapterConfig, v: Violations | None = None, *,
                    candidates: list[ModuleInfo] | None = None, scope: str = "") -> Selection:
     """The modules `config` (effective, defaults filled) adapts.

@@ -123,3 +123,13 @@ def split_validation(n: int, fraction: float, seed: int = 0) -> tuple[list[int],
     is_validation = np.zeros(n, dtype=bool)
     is_validation[held_out] = True
     return np.flatnonzero(~is_validation).tolist(), np.flatnonzero(is_validation).tolist()
+
+
+def hold_out(examples: Sequence, validation: Sequence | None, fraction: float,
+             seed: int = 0) -> tuple[list, list]:
+    """(train, validation) examples: the given validation set, else a fixed
+    `fraction` of `examples` held out (see split_validation)."""
+    if validation is not None:
+        return list(examples), list(validation)
+    train_idx, val_idx = split_validation(len(examples), fraction, seed)
+    return [examples[i] for i in train_idx], [examples[i] for i in val_idx]

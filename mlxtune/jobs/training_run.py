@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlxtune.adapters.checkpoint import load_checkpoint_model
-from mlxtune.data.batching import BatchPlan, collate, split_validation
+from mlxtune.data.batching import BatchPlan, collate, hold_out
 from mlxtune.data.dataset_store import DatasetStore
 from mlxtune.data.formats import DatasetFormat
 from mlxtune.data.tokenize import LossMaskMode, tokenize_records
@@ -65,15 +65,11 @@ class TrainingRun:
     def _data(self, tokenizer):
         cfg = self.config
         train = self._load_examples(self.spec["dataset_id"], tokenizer)
-        if self.spec.get("validation_dataset_id"):
-            train_examples = train.examples
-            val_examples = self._load_examples(self.spec["validation_dataset_id"],
-                                               tokenizer).examples
-        else:
-            train_idx, val_idx = split_validation(len(train.examples), cfg.validation_split,
-                                                  seed=cfg.seed)
-            train_examples = [train.examples[i] for i in train_idx]
-            val_examples = [train.examples[i] for i in val_idx]
+        validation_id = self.spec.get("validation_dataset_id")
+        train_examples, val_examples = hold_out(
+            train.examples,
+            self._load_examples(validation_id, tokenizer).examples if validation_id else None,
+            cfg.validation_split, seed=cfg.seed)
         if not train_examples:
             from mlxtune.errors import FailedPrecondition
 

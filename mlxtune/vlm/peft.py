@@ -13,11 +13,11 @@ import mlx.nn as nn
 
 from mlxtune.adapters.apply import ParameterReport, count_parameters, get_peft_model
 from mlxtune.adapters.config import AdapterConfig
-from mlxtune.adapters.targets import Selection, adaptable_modules
+from mlxtune.adapters.targets import Selection, adaptable_modules, group_targets
 from mlxtune.errors import Violations
 from mlxtune.models.spec import ModelSpec
 from mlxtune.vlm.families import Tower
-from mlxtune.vlm.towers import TowerCount, TowerReport, group_targets, tower_counts, tower_reports
+from mlxtune.vlm.towers import TowerCount, TowerReport, tower_counts, tower_reports
 
 
 def _family(spec: ModelSpec):

@@ -23,20 +23,15 @@ from mlx.utils import tree_flatten
 
 from mlxtune.adapters.apply import local_parameter_count
 from mlxtune.adapters.config import AdapterConfig
-from mlxtune.adapters.targets import ModuleInfo, Selection, adaptable_modules, select_modules
+from mlxtune.adapters.targets import (
+    Selection,
+    TargetGroup,
+    adaptable_modules,
+    group_targets,
+    select_modules,
+)
 from mlxtune.errors import FailedPrecondition, Violations
 from mlxtune.vlm.families import Tower, VlmFamily
-
-
-@dataclass
-class TargetGroup:
-    """Modules of one name, type and shape (InspectModel's TargetableModule)."""
-
-    name: str
-    layer_type: str
-    count: int
-    in_features: int
-    out_features: int
 
 
 @dataclass
@@ -68,16 +63,6 @@ def resolve_path(model: nn.Module, path: str):
     for part in path.split("."):
         node = node[int(part)] if isinstance(node, list) else getattr(node, part)
     return node
-
-
-def group_targets(modules: list[ModuleInfo]) -> list[TargetGroup]:
-    groups: dict[tuple, TargetGroup] = {}
-    for m in modules:
-        key = (m.leaf, m.layer_type, m.in_features, m.out_features)
-        if key not in groups:
-            groups[key] = TargetGroup(m.leaf, m.layer_type, 0, m.in_features, m.out_features)
-        groups[key].count += 1
-    return list(groups.values())
 
 
 def tower_reports(model: nn.Module, family: VlmFamily) -> list[TowerReport]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from mlxtune.data.batching import split_validation
+from mlxtune.data.batching import hold_out
 from mlxtune.data.dataset_store import DatasetStore
 from mlxtune.data.tokenize import LossMaskMode
 from mlxtune.errors import FailedPrecondition
@@ -68,14 +68,10 @@ def vision_language_data(datasets: DatasetStore, spec: dict, config: TrainingCon
             loss_mask=LossMaskMode(config.loss_mask.value))
 
     train = examples(spec["dataset_id"])
-    if spec.get("validation_dataset_id"):
-        train_examples = train.examples
-        val_examples = examples(spec["validation_dataset_id"]).examples
-    else:
-        train_idx, val_idx = split_validation(len(train.examples), config.validation_split,
-                                              seed=config.seed)
-        train_examples = [train.examples[i] for i in train_idx]
-        val_examples = [train.examples[i] for i in val_idx]
+    validation_id = spec.get("validation_dataset_id")
+    train_examples, val_examples = hold_out(
+        train.examples, examples(validation_id).examples if validation_id else None,
+        config.validation_split, seed=config.seed)
     if not train_examples:
         raise FailedPrecondition(message="no training examples left after tokenization "
                                  f"({train.dropped} dropped)", reason="EMPTY_TRAINING_SET")

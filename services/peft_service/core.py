@@ -27,7 +27,7 @@ from mlxtune.adapters.apply import (
 from mlxtune.adapters.checkpoint import verify_base_unchanged
 from mlxtune.adapters.config import AdapterConfig, AdapterFileConfig
 from mlxtune.adapters.peft_import import adapter_from_peft
-from mlxtune.adapters.targets import adaptable_modules
+from mlxtune.adapters.targets import TargetGroup, adaptable_modules, group_targets
 from mlxtune.errors import InvalidArgument
 from mlxtune.models.resolve import ModelFormat, ModelSource, resolve_model
 from mlxtune.models.spec import ModelSpec, open_model_spec
@@ -59,15 +59,6 @@ from services.peft_service.metrics import PeftMetrics
 
 
 @dataclass
-class TargetableGroup:
-    name: str
-    layer_type: str
-    count: int
-    in_features: int
-    out_features: int
-
-
-@dataclass
 class ModelReport:
     """What InspectModel returns."""
 
@@ -79,7 +70,7 @@ class ModelReport:
     quantization: dict | None
     gguf_types: dict[str, int]
     total_parameters: int
-    targetable_modules: list[TargetableGroup] = field(default_factory=list)
+    targetable_modules: list[TargetGroup] = field(default_factory=list)
     has_chat_template: bool = False
     weight_bytes: int = 0
     towers: list = field(default_factory=list)  # mlxtune.vlm.towers.TowerReport
@@ -136,13 +127,7 @@ class PeftCore:
     def inspect_model(self, name: str) -> ModelReport:
         with self._mlx_lock:
             spec = self.open_model(name)
-            groups: dict[tuple, TargetableGroup] = {}
-            for m in adaptable_modules(spec.model):
-                key = (m.leaf, m.layer_type, m.in_features, m.out_features)
-                if key not in groups:
-                    groups[key] = TargetableGroup(m.leaf, m.layer_type, 0, m.in_features,
-                                                  m.out_features)
-                groups[key].count += 1
+            groups = group_targets(adaptable_modules(spec.model))
             towers = inspect_towers(spec)
         # The towers' sum: parameters only (mlx-vlm layers also hold buffers).
         total = sum(t.parameters for t in towers)
@@ -156,7 +141,7 @@ class PeftCore:
             quantization=spec.quantization,
             gguf_types=spec.gguf_types,
             total_parameters=total,
-            targetable_modules=list(groups.values()),
+            targetable_modules=groups,
             has_chat_template=spec.has_chat_template,
             weight_bytes=spec.weight_bytes,
             towers=towers,
