@@ -21,12 +21,13 @@ distinct shapes.
 Chunking bounds the softmax temporaries, not the saved activations: the
 backward pass still holds every chunk's logits (rows x vocab floats).
 
-Measured with ``python -m mlxtune.training.benchmark`` (SmolLM2-shaped llama,
-vocab 49152, batch 4 x <=128 tokens, half of each example supervised, LoRA r8,
-float32 + OpenBLAS on 2 pinned cores of a quiet x86 host), median step:
-4 layers: full 1621 ms eager / 1600 compiled, selective 949 / 935;
-30 layers: full 4127 / 3644, selective 2942 / 2931. With every real token
-supervised (plain text) selective still wins by skipping padding (1489 vs 1602).
+Measured on a CPU (SmolLM2-shaped llama, vocab 49152, batch 4 x <=128 tokens,
+half of each example supervised, LoRA r8, float32 + OpenBLAS on 2 pinned cores
+of a quiet x86 host), median step: 4 layers: full 1621 ms eager / 1600
+compiled, selective 949 / 935; 30 layers: full 4127 / 3644, selective 2942 /
+2931; on the real SmolLM2 through the trainer 1.5x (bench/bench_trainer.py).
+On a GPU the head is cheap and full logits are 2-5% faster
+(bench/bench_gpu.py, which measures both on any device).
 """
 
 from __future__ import annotations
